@@ -1,0 +1,92 @@
+"""``FoundationModel``: the shared encoders (and, as they land, the decoder and language head),
+with safetensors persistence and open_clip import."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from encoders.dual import DualEncoder
+from encoders.tokenizer import Tokenizer
+
+from .config import FoundationConfig
+
+CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+class FoundationModel(nn.Module):
+    def __init__(self, config: FoundationConfig):
+        super().__init__()
+        self.config = config
+        self.encoders = DualEncoder(config)
+        self.tokenizer = Tokenizer(config.text.context_length)
+        self.register_buffer("pixel_mean", torch.tensor(config.image.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(config.image.std).view(1, -1, 1, 1), persistent=False)
+
+    def normalize_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0, 1], [B, C, S, S] -> the normalized input the image encoder expects."""
+        return (images - self.pixel_mean) / self.pixel_std
+
+    def tokenize(self, texts: str | list[str]) -> torch.Tensor:
+        return self.tokenizer(texts).to(self.pixel_mean.device)
+
+    def encode_text(self, texts: str | list[str] | torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Texts (or token ids [B, L]) -> embeddings [B, E] in the shared space."""
+        tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
+        return self.encoders.encode_text(tokens, normalize=normalize)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Pixels in [0, 1], [B, C, S, S] -> embeddings [B, E] in the shared space."""
+        self.encoders.image.check_images(images)
+        return self.encoders.encode_image(self.normalize_pixels(images), normalize=normalize)
+
+    # ---- persistence -------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, model_card: str | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (+ ``README.md`` model card)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory / CONFIG_NAME)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        if model_card is not None:
+            (directory / CARD_NAME).write_text(model_card)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "FoundationModel":
+        """Load a ``save_pretrained`` folder. Only safetensors are read; pickle files are refused."""
+        directory = Path(directory)
+        if directory.is_file():
+            kind = "pickle-based" if directory.suffix in _PICKLE_SUFFIXES else "a file"
+            raise ValueError(
+                f"from_pretrained expects a folder with {CONFIG_NAME} and {WEIGHTS_NAME}; {directory} is {kind}. "
+                "Lightning .ckpt files are for resuming: turn one into a folder with `multimodal export`."
+            )
+        if not directory.is_dir():
+            raise FileNotFoundError(f"model folder not found: {directory}")
+        if not (directory / WEIGHTS_NAME).is_file():
+            found = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+            extra = f" (found {found}; pickle files are never loaded)" if found else ""
+            raise ValueError(f"{directory} has no {WEIGHTS_NAME}{extra}")
+        model = cls(FoundationConfig.load(directory / CONFIG_NAME))
+        model.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(map_location)), strict=True)
+        return model.eval()
+
+    @classmethod
+    def from_open_clip(
+        cls, model_name: str | dict[str, Any], pretrained: str | None = None, **config_overrides: Any
+    ) -> "FoundationModel":
+        """Shared encoders from an open_clip ViT CLIP: a model name or config dict, and weights
+        from a local ``.safetensors``/``.pt`` file or an open_clip pretrained tag (needs internet)."""
+        from encoders.open_clip_import import dual_encoder_from_open_clip
+
+        encoders = dual_encoder_from_open_clip(model_name, pretrained)
+        fields = {**encoders.config.__dict__, **config_overrides}
+        model = cls(FoundationConfig(**fields))
+        model.encoders.load_state_dict(encoders.state_dict())
+        return model

@@ -1,0 +1,100 @@
+"""Callbacks: the end-of-fit alignment report (metrics, prediction PNG, exported model)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from PIL import Image, ImageDraw, ImageFont
+
+from multimodal.pipeline import zero_shot_weights
+
+
+@torch.no_grad()
+def collect_features(trainer: L.Trainer, module: L.LightningModule, loader) -> dict[str, torch.Tensor]:
+    """Validation features with the trainer's precision, plus the raw images."""
+    outs: dict[str, list[torch.Tensor]] = {"image": [], "text": [], "label": [], "group": [], "pixels": []}
+    with trainer.precision_plugin.forward_context():
+        for batch in loader:
+            batch = {k: v.to(module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            out = module._encode(batch)
+            outs["image"].append(out["image_features"].float())
+            outs["text"].append(out["text_features"].float())
+            outs["label"].append(batch["label"])
+            outs["group"].append(batch["group"])
+            outs["pixels"].append(batch["image"].cpu())
+    return {k: torch.cat(v) for k, v in outs.items()}
+
+
+def prediction_grid(
+    pixels: torch.Tensor, titles: list[str], truth: list[str], predictions: list[list[tuple[str, float]]],
+    columns: int = 4, scale: int = 4,
+) -> Image.Image:
+    """Images enlarged with nearest-neighbour (crisp), caption above, top predictions below;
+    a prediction is green when it is the true class ``truth[i]``, red otherwise."""
+    font = ImageFont.load_default()
+    size = pixels.shape[-1] * scale
+    line = 12
+    cell_w, cell_h = max(size, 210) + 8, size + line * (2 + len(predictions[0])) + 8
+    rows = (len(truth) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * cell_w, rows * cell_h), (250, 250, 250))
+    draw = ImageDraw.Draw(grid)
+    for i, (px, title, true, preds) in enumerate(zip(pixels, titles, truth, predictions)):
+        x, y = (i % columns) * cell_w + 4, (i // columns) * cell_h + 4
+        draw.text((x, y), title, fill=(0, 0, 0), font=font)
+        img = Image.fromarray((px.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()).resize((size, size), Image.NEAREST)
+        grid.paste(img, (x, y + line + 2))
+        for j, (name, prob) in enumerate(preds):
+            color = (0, 140, 0) if name == true else (200, 0, 0)
+            draw.text((x, y + line + size + 4 + j * line), f"{j + 1}. {name}  {prob:.2f}", fill=color, font=font)
+    return grid
+
+
+class AlignmentReport(Callback):
+    """At the end of ``fit``: evaluate on the validation split with the final weights, print
+    zero-shot accuracy and retrieval recall, write ``val_predictions.png`` and ``metrics.json``
+    and export the weights as a ``save_pretrained`` folder (``model/``) in the run folder."""
+
+    def __init__(self, num_images: int = 16, top_k: int = 3, export: bool = True):
+        self.num_images, self.top_k, self.export = num_images, top_k, export
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.datamodule is None:
+            return
+        dm = trainer.datamodule
+        was_training = pl_module.training
+        pl_module.eval()
+        feats = collect_features(trainer, pl_module, dm.val_dataloader())
+        metrics = pl_module.evaluate_features(feats)
+        out_dir = Path(trainer.log_dir or ".")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        metrics["global_step"] = trainer.global_step
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        lines = [f"Held-out validation ({len(feats['image'])} images, combinations never seen in training):"]
+        lines += [f"  {k:>14}: {v:.4f}" if isinstance(v, float) else f"  {k:>14}: {v}" for k, v in metrics.items()]
+
+        prompts = dm.zero_shot_prompts()
+        if prompts is not None:
+            from train.shapes import class_names
+
+            names = class_names()
+            with trainer.precision_plugin.forward_context():
+                weights = zero_shot_weights(pl_module.model, prompts).to(feats["image"].device)
+            n = min(self.num_images, len(feats["image"]))
+            logits = pl_module.model.encoders.logit_scale.exp().float() * feats["image"][:n] @ weights.T
+            probs, idx = logits.softmax(-1).topk(self.top_k, dim=-1)
+            preds = [[(names[int(i)], float(p)) for p, i in zip(pr, ix)] for pr, ix in zip(probs, idx)]
+            titles = [dm.val_captions[int(g)] for g in feats["group"][:n]]
+            truth = [names[int(label)] for label in feats["label"][:n]]
+            png = out_dir / "val_predictions.png"
+            prediction_grid(feats["pixels"][:n], titles, truth, preds).save(png)
+            lines.append(f"  wrote {png}")
+        if self.export:
+            model_dir = pl_module.model.save_pretrained(out_dir / "model")
+            lines.append(f"  saved model to {model_dir} (FoundationPipeline.from_pretrained)")
+        print("\n".join(lines), file=sys.stdout, flush=True)
+        pl_module.train(was_training)

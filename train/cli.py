@@ -1,0 +1,27 @@
+"""LightningCLI wiring: ``multimodal fit|validate|test|predict --config assets/configs/<name>.yaml``."""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+
+from .data import FoundationDataModule
+from .module import FoundationModule
+from .precision import default_precision
+
+
+class FoundationCLI(LightningCLI):
+    """LightningCLI with this project's module and data module; the run's resolved config is
+    saved as ``config.yaml`` in the run folder (the logger's versioned directory)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # bf16-mixed by default only where it is faster; a config or --trainer.precision wins.
+        parser.set_defaults({"trainer.precision": default_precision()})
+
+
+def run_cli(args: list[str]) -> FoundationCLI:
+    return FoundationCLI(
+        FoundationModule,
+        FoundationDataModule,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+    )
