@@ -48,7 +48,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "shapes": {
         "embed_dim": 128,
         "text": {"context_length": 16, "width": 128, "layers": 2, "heads": 4},
-        "image": {"image_size": 32, "patch_size": 4, "width": 128, "layers": 3, "heads": 4, "mean": _HALF, "std": _HALF},
+        "image": {"image_size": 32, "patch_size": 8, "width": 128, "layers": 3, "heads": 4, "mean": _HALF, "std": _HALF},
     },
     "base": {  # ViT-B/16 image tower, CLIP text tower
         "embed_dim": 512,

@@ -62,6 +62,7 @@ class AlignmentReport(Callback):
     def __init__(self, num_images: int = 16, top_k: int = 3, export: bool = True):
         self.num_images, self.top_k, self.export = num_images, top_k, export
 
+    @torch.no_grad()
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or trainer.datamodule is None:
             return

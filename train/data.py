@@ -60,7 +60,7 @@ class FoundationDataModule(L.LightningDataModule):
         batch_size: int = 256,
         val_batch_size: int = 256,
         num_workers: int = 0,
-        train_size: int = 100_000,
+        train_size: int = 1_000_000,
         val_size: int = 240,
         val_fraction: float = 0.1,
         seed: int = 0,

@@ -1,0 +1,111 @@
+"""End-to-end checks of the command line: fit, run folder, report, resume, bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from multimodal import FoundationPipeline
+from multimodal.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+ALIGN = ROOT / "assets" / "configs" / "align.yaml"
+
+
+def tiny_config(tmp_path: Path, every_n: int = 2, **trainer) -> Path:
+    """The shipped align.yaml, scaled down to the tiny preset."""
+    cfg = yaml.safe_load(ALIGN.read_text())
+    cfg["trainer"].update({"max_steps": 4, "val_check_interval": 2, "log_every_n_steps": 1,
+                           "enable_progress_bar": False, "enable_model_summary": False, **trainer})
+    cfg["trainer"]["callbacks"][0]["init_args"].update({"dirpath": str(tmp_path / "runs/align/checkpoints"), "every_n_train_steps": every_n})
+    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
+    cfg["model"].update({"preset": "tiny", "warmup_steps": 1})
+    cfg["data"].update({"batch_size": 16, "val_size": 48, "num_workers": 0})
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "multimodal.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_fit_writes_run_folder_report_and_model(tmp_path, capsys):
+    assert main(["fit", "--config", str(tiny_config(tmp_path))]) == 0
+    run = tmp_path / "runs" / "align" / "version_0"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["preset"] == "tiny" and saved["trainer"]["max_steps"] == 4
+    assert (run / "metrics.csv").read_text().count("val/zero_shot_acc") == 1
+    assert (tmp_path / "runs/align/checkpoints/last.ckpt").is_file()
+    out = capsys.readouterr().out
+    assert "zero_shot_acc" in out and "t2i_R@1" in out and "val_predictions.png" in out
+    assert (run / "val_predictions.png").stat().st_size > 1000
+    pipe = FoundationPipeline.from_pretrained(run / "model")
+    probs = pipe.classify(torch.rand(2, 3, 32, 32), ["red circle", "blue square"])
+    assert probs.shape == (2, 2) and torch.allclose(probs.sum(-1), torch.ones(2))
+
+
+def test_bf16_mixed_trains_on_cpu(tmp_path):
+    assert main(["fit", "--config", str(tiny_config(tmp_path, max_steps=2)), "--trainer.precision", "bf16-mixed"]) == 0
+    lines = (tmp_path / "runs/align/version_0/metrics.csv").read_text().splitlines()
+    losses = [float(v) for row in lines[1:] for k, v in zip(lines[0].split(","), row.split(",")) if k == "train/loss" and v]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
+def _ckpt_step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+
+
+def test_resume_after_sigkill_continues_from_saved_step(tmp_path):
+    cfg = tiny_config(tmp_path, every_n=3, max_steps=100_000, val_check_interval=1000)
+    last = tmp_path / "runs/align/checkpoints/last.ckpt"
+    proc = subprocess.Popen([sys.executable, "-m", "multimodal.cli", "fit", "--config", str(cfg)], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (last.is_file() and _ckpt_step(last) >= 6):
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    saved = _ckpt_step(last)
+    assert saved >= 6
+    target = saved + 4
+    done = _cli("fit", "--config", str(cfg), "--ckpt_path", "last", "--trainer.max_steps", str(target), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Restoring states from the checkpoint" in done.stderr + done.stdout
+    assert _ckpt_step(last) == target
+    resumed = (tmp_path / "runs/align/version_1/metrics.csv").read_text().splitlines()
+    step_col = resumed[0].split(",").index("step")
+    steps = [int(r.split(",")[step_col]) for r in resumed[1:] if r.split(",")[step_col]]
+    assert min(steps) >= saved and max(steps) <= target
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    cfg = yaml.safe_load(tiny_config(tmp_path).read_text())
+    cfg["model"]["learning_rat"] = 0.1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    result = _cli("fit", "--config", str(bad), cwd=tmp_path)
+    assert result.returncode != 0 and "learning_rat" in result.stderr
+    result = _cli("fit", "--config", str(tiny_config(tmp_path)), "--model.overrides", '{"text": {"widht": 8}}', cwd=tmp_path)
+    assert result.returncode == 2 and "widht" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_data_path_is_named(tmp_path):
+    result = _cli("fit", "--config", str(tiny_config(tmp_path)), "--data.source", "folder",
+                  "--data.path", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert result.returncode == 2 and "data.path" in result.stderr and "nowhere" in result.stderr
+
+
+def test_wrong_image_size_is_named(tiny_model):
+    with pytest.raises(ValueError, match=r"\[batch, 3, 32, 32\].*got \(2, 3, 64, 64\)"):
+        tiny_model.encode_image(torch.rand(2, 3, 64, 64))
+    with pytest.raises(ValueError, match="image_size"):
+        tiny_model.encoders.encode_image(torch.rand(2, 3, 16, 16))
