@@ -4,7 +4,9 @@ reference (which materializes the [N, N] score matrix), for sequence lengths 256
     python benchmarks/attention.py [--heads 8] [--head-dim 64] [--causal] [--device cpu|cuda]
 
 Peak memory on CPU is the rise of the process's peak resident set (VmHWM, reset through
-/proc/self/clear_refs before each call) above what was resident before it; on CUDA it is
+/proc/self/clear_refs before each call) above what was resident before it; the script re-runs
+itself with glibc's mmap threshold at 16 KiB so that freed buffers go back to the system and
+are not silently reused (which would hide allocations from the resident set). On CUDA it is
 ``torch.cuda.max_memory_allocated`` above the allocation before the call. Inputs are allocated
 before the measurement, so the figures are the attention call's own working memory + output.
 """
@@ -12,6 +14,8 @@ before the measurement, so the figures are the attention call's own working memo
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -58,6 +62,9 @@ def seconds(fn, device: str, reps: int) -> float:
 
 
 def main() -> None:
+    if sys.platform == "linux" and os.environ.get("MALLOC_MMAP_THRESHOLD_") != "16384":
+        os.execve(sys.executable, [sys.executable, *sys.argv],
+                  {**os.environ, "MALLOC_MMAP_THRESHOLD_": "16384", "MALLOC_TRIM_THRESHOLD_": "0"})
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192])
     parser.add_argument("--heads", type=int, default=8)

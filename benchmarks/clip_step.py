@@ -4,8 +4,8 @@ batch, threads and precision. Prints samples/s of each and the ratio (ours / ope
 
     python benchmarks/clip_step.py [--preset shapes] [--batch 128] [--steps 10] [--precision 32 bf16-mixed]
 
-Runs alternate between the two models (ours, open_clip, ours, ...) so that machine noise hits
-both alike; the figure is the median over rounds.
+Rounds alternate between the two models, in alternating order, so that machine noise and
+warm-up hit both alike; the figure is the median over rounds.
 """
 
 from __future__ import annotations
@@ -59,16 +59,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--precision", nargs="+", default=["32", "bf16-mixed"])
     parser.add_argument("--bf16-batch", type=int, default=None, help="batch for bf16-mixed (default: --batch)")
+    parser.add_argument("--no-trim", action="store_true",
+                        help="run our text tower over all context positions, as open_clip does (trim_padding=False)")
     args = parser.parse_args()
 
     cfg = FoundationConfig.from_preset(args.preset)
     oc_cfg = open_clip_cfg(cfg)
     torch.manual_seed(0)
     ref = open_clip.CLIP(**oc_cfg).train()
-    ours = DualEncoder(encoder_config_from_open_clip(oc_cfg)).train()
+    ours_cfg = encoder_config_from_open_clip(oc_cfg)
+    ours_cfg.text.trim_padding = not args.no_trim
+    ours = DualEncoder(ours_cfg).train()
     n_ours, n_ref = (sum(p.numel() for p in m.parameters()) for m in (ours, ref))
     assert n_ours == n_ref, (n_ours, n_ref)
-    print(f"preset={args.preset} params={n_ours / 1e6:.2f}M threads={torch.get_num_threads()} torch={torch.__version__} open_clip={open_clip.__version__}")
+    print(f"preset={args.preset} trim_padding={not args.no_trim} params={n_ours / 1e6:.2f}M threads={torch.get_num_threads()} torch={torch.__version__} open_clip={open_clip.__version__}")
 
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg.text.context_length)
     words = ["red", "blue", "small", "large", "circle", "square", "at", "the", "top", "left"]
@@ -85,8 +89,8 @@ def main() -> None:
         rates: dict[str, list[float]] = {name: [] for name in steps}
         for name, step in steps.items():
             step(images, tokens)  # warm-up
-        for _ in range(args.rounds):
-            for name, step in steps.items():
+        for r in range(args.rounds):
+            for name, step in (list(steps.items()) if r % 2 == 0 else list(steps.items())[::-1]):
                 start = time.perf_counter()
                 for _ in range(args.steps):
                     step(images, tokens)

@@ -21,6 +21,7 @@ class TextEncoderConfig:
     heads: int = 8
     mlp_ratio: float = 4.0
     activation: str = "gelu"  # "gelu" | "quick_gelu" (OpenAI weights)
+    trim_padding: bool = True  # skip positions after the batch's longest text (same embeddings)
 
 
 @dataclass

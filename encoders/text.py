@@ -30,13 +30,19 @@ class TextEncoder(nn.Module):
         """tokens [B, L] (L <= context_length) -> (states [B, L, W], pooled [B, E]).
 
         Pooling takes the end-of-text position, which is the highest token id (open_clip's
-        ``argmax`` pooling); causal attention makes padding after it irrelevant, so no mask.
+        ``argmax`` pooling); causal attention makes padding after it irrelevant, so no mask is
+        needed, and (``trim_padding``) the batch is cut after its longest text: the pooled
+        embedding is unchanged and padding-only positions cost nothing. States are then
+        [B, L', W] with L' the longest text in the batch (end-of-text included).
         """
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be an integer tensor [batch, seq], got {tuple(tokens.shape)} {tokens.dtype}")
         if tokens.shape[1] > self.config.context_length:
             raise ValueError(f"tokens has {tokens.shape[1]} positions; context_length is {self.config.context_length}")
+        eot = tokens.argmax(dim=-1)  # [B]
+        if self.config.trim_padding:
+            tokens = tokens[:, : int(eot.max()) + 1]
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]  # [B, L, W]
         x = self.ln_final(self.transformer(x, causal=True))  # [B, L, W]
-        pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # [B, W]
+        pooled = x[torch.arange(x.shape[0], device=x.device), eot]  # [B, W]
         return x, pooled @ self.projection.to(pooled.dtype)  # [B, L, W], [B, E]
