@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -72,6 +73,8 @@ def config_from_dict(cls: type[T], data: dict[str, Any] | T, path: str = "") -> 
     for key, value in data.items():
         hint = hints[key]
         sub = f"{path}.{key}" if path else key
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and isinstance(value, dict):
+            hint = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), hint)  # Optional[Config]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = config_from_dict(hint, value, sub)
         elif typing.get_origin(hint) is tuple and isinstance(value, list):

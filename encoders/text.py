@@ -26,7 +26,7 @@ class TextEncoder(nn.Module):
         nn.init.normal_(self.projection, std=config.width**-0.5)
         self.transformer.init_weights()
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor, trim: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, L] (L <= context_length) -> (states [B, L, W], pooled [B, E]).
 
         Pooling takes the end-of-text position, which is the highest token id (open_clip's
@@ -40,7 +40,7 @@ class TextEncoder(nn.Module):
         if tokens.shape[1] > self.config.context_length:
             raise ValueError(f"tokens has {tokens.shape[1]} positions; context_length is {self.config.context_length}")
         eot = tokens.argmax(dim=-1)  # [B]
-        if self.config.trim_padding:
+        if self.config.trim_padding if trim is None else trim:
             tokens = tokens[:, : int(eot.max()) + 1]
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]  # [B, L, W]
         x = self.ln_final(self.transformer(x, causal=True))  # [B, L, W]

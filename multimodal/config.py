@@ -9,12 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from diffusion.config import DecoderConfig
 from encoders.config import EncoderConfig, config_from_dict, merge_dicts
 
 
 @dataclass
 class FoundationConfig(EncoderConfig):
-    """The whole model. Encoder fields come from ``EncoderConfig``; heads are added beside them."""
+    """The whole model. Encoder fields come from ``EncoderConfig``; heads are added beside them
+    (``decoder: None`` means a model without a diffusion decoder)."""
+
+    decoder: DecoderConfig | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FoundationConfig":
@@ -44,11 +48,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "embed_dim": 32,
         "text": {"context_length": 16, "width": 32, "layers": 1, "heads": 2},
         "image": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2, "mean": _HALF, "std": _HALF},
+        "decoder": {"block_out_channels": (32, 32), "attention_head_dim": 16, "norm_num_groups": 8},
     },
     "shapes": {
         "embed_dim": 128,
         "text": {"context_length": 16, "width": 128, "layers": 2, "heads": 4},
         "image": {"image_size": 32, "patch_size": 8, "width": 128, "layers": 3, "heads": 4, "mean": _HALF, "std": _HALF},
+        "decoder": {"block_out_channels": (64, 128), "attention_head_dim": 32},
     },
     "base": {  # ViT-B/16 image tower, CLIP text tower
         "embed_dim": 512,

@@ -10,12 +10,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from diffusion.decoder import Decoder
 from encoders.dual import DualEncoder
 from encoders.tokenizer import Tokenizer
 
 from .config import FoundationConfig
 
-CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
+CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, DECODER_DIR = "config.json", "model.safetensors", "README.md", "decoder"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
@@ -24,6 +25,9 @@ class FoundationModel(nn.Module):
         super().__init__()
         self.config = config
         self.encoders = DualEncoder(config)
+        self.decoder = (
+            Decoder(config.decoder, config.text.width, config.attention_backend) if config.decoder is not None else None
+        )
         self.tokenizer = Tokenizer(config.text.context_length)
         self.register_buffer("pixel_mean", torch.tensor(config.image.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.image.std).view(1, -1, 1, 1), persistent=False)
@@ -40,6 +44,12 @@ class FoundationModel(nn.Module):
         tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
         return self.encoders.encode_text(tokens, normalize=normalize)
 
+    def text_states(self, texts: str | list[str] | torch.Tensor) -> torch.Tensor:
+        """Full-length token states [B, context_length, W]: what the decoder cross-attends to
+        (full length, so conditional and empty-prompt states always line up)."""
+        tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
+        return self.encoders.text(tokens, trim=False)[0]
+
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Pixels in [0, 1], [B, C, S, S] -> embeddings [B, E] in the shared space."""
         self.encoders.image.check_images(images)
@@ -55,6 +65,8 @@ class FoundationModel(nn.Module):
         save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
         if model_card is not None:
             (directory / CARD_NAME).write_text(model_card)
+        if self.decoder is not None:  # also in diffusers' own format, for diffusers users
+            self.decoder.save_diffusers(directory / DECODER_DIR)
         return directory
 
     @classmethod

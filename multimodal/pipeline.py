@@ -1,8 +1,9 @@
-"""``FoundationPipeline``: the Python API (embedding, zero-shot classification, retrieval)."""
+"""``FoundationPipeline``: the Python API (generation, embedding, zero-shot classification, retrieval)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -10,18 +11,98 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffusion.sampling import sample
+from diffusion.schedule import sampling_scheduler
+
 from .model import FoundationModel
 
 ImageInput = Union[Image.Image, np.ndarray, torch.Tensor, str, Path]
 
 
+@dataclass
+class GenerationOutput:
+    """``images``: list of PIL images, a numpy array [N, S, S, C] in [0, 1], or a tensor
+    [N, C, S, S] in [0, 1], by ``output_type``."""
+
+    images: list[Image.Image] | np.ndarray | torch.Tensor
+
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
 class FoundationPipeline:
-    def __init__(self, model: FoundationModel):
+    def __init__(self, model: FoundationModel, scheduler: str = "ddim"):
         self.model = model.eval()
+        self.scheduler = scheduler
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 3.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        output_type: str = "pil",
+        callback_on_step_end: Callable[[int, int, torch.Tensor], None] | None = None,
+        scheduler: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        show_progress: bool = True,
+    ) -> GenerationOutput:
+        """Generate images from text with the diffusion decoder (classifier-free guidance).
+
+        ``generator``: one generator (images draw their starting noise from it in order) or one
+        per image; with one per image, a batch gives the same images as one call per image.
+        ``negative_prompt`` replaces the empty prompt as the unconditional branch.
+        """
+        decoder = self.model.decoder
+        if decoder is None:
+            raise ValueError("this model has no diffusion decoder (config.decoder is None)")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompt must be a non-empty string or list of strings")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        size = decoder.config.image_size
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and value != size:
+                raise ValueError(f"{name} must be {size} (the decoder's image_size), got {value}")
+        negatives = [negative_prompt or ""] * len(prompts) if negative_prompt is None or isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"negative_prompt must be a string or a list as long as prompt ({len(prompts)}), got {len(negatives)}")
+        n = len(prompts) * num_images_per_prompt
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != n:
+                raise ValueError(f"generator list must have one generator per image ({n}), got {len(generator)}")
+            generators = list(generator)
+        else:
+            generators = [generator] * n
+        repeat = lambda items: [x for x in items for _ in range(num_images_per_prompt)]  # noqa: E731
+        cond = self.model.text_states(repeat(prompts))
+        uncond = self.model.text_states(repeat(negatives))
+        images = sample(
+            decoder, sampling_scheduler(scheduler or self.scheduler, decoder.config), cond, uncond, generators,
+            num_inference_steps, guidance_scale, show_progress, callback_on_step_end,
+        )
+        images = (images.float() + 1) / 2  # [N, C, S, S] in [0, 1]
+        if output_type == "pt":
+            return GenerationOutput(images.cpu())
+        array = images.permute(0, 2, 3, 1).cpu().numpy()
+        if output_type == "np":
+            return GenerationOutput(array)
+        return GenerationOutput([Image.fromarray((a * 255).round().astype(np.uint8)) for a in array])
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "FoundationPipeline":
-        return cls(FoundationModel.from_pretrained(directory)).to(device)
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu", scheduler: str = "ddim") -> "FoundationPipeline":
+        return cls(FoundationModel.from_pretrained(directory), scheduler).to(device)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         return self.model.save_pretrained(directory)

@@ -91,6 +91,10 @@ class FoundationDataModule(L.LightningDataModule):
             return None
         return [[shapes.fill_template(t, name) for t in shapes.TEMPLATES] for name in shapes.class_names()]
 
+    def generation_prompts(self, n: int) -> list[tuple[str, "shapes.ShapeSample", bool]] | None:
+        """Prompts whose generations can be scored exactly (shapes only)."""
+        return shapes.generation_prompts(n) if self.source == "shapes" else None
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return

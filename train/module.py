@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -9,19 +10,34 @@ import lightning as L
 import torch
 from open_clip.loss import ClipLoss
 
+from diffusers.training_utils import EMAModel
+
+from diffusion.schedule import diffusion_loss, train_scheduler
 from multimodal.config import FoundationConfig
 from multimodal.model import FoundationModel
-from multimodal.pipeline import zero_shot_weights
+from multimodal.pipeline import FoundationPipeline, zero_shot_weights
 
+from . import shapes
 from .metrics import retrieval_recall, zero_shot_accuracy
 
 _NO_DECAY_NAMES = ("embedding", "logit_scale")
+COMPONENTS = ("text", "image", "decoder")
+# Stage presets: which losses are on and which components are frozen.
+STAGES: dict[str, dict[str, Any]] = {
+    "align": {"loss_weights": {"contrastive": 1.0, "diffusion": 0.0}, "freeze": ["decoder"]},
+    "decoder": {"loss_weights": {"contrastive": 0.0, "diffusion": 1.0}, "freeze": ["text", "image"]},
+    "joint": {"loss_weights": {"contrastive": 1.0, "diffusion": 1.0}, "freeze": []},
+}
 
 
 class FoundationModule(L.LightningModule):
     """Args:
         preset: named model preset (``tiny``, ``shapes``, ``base``).
         overrides: nested config overrides applied on the preset, e.g. ``{text: {layers: 4}}``.
+        stage: ``align`` (contrastive), ``decoder`` (diffusion, encoders frozen) or ``joint``.
+        loss_weights / freeze: override the stage's loss weights (``contrastive``, ``diffusion``)
+            and frozen components (``text``, ``image``, ``decoder``).
+        fidelity_images / fidelity_steps / guidance_scale: generation fidelity at validation.
         lr, weight_decay, betas, eps: AdamW (no decay on norms, biases, embeddings, logit scale).
         warmup_steps, min_lr_ratio: linear warmup, then cosine decay to ``lr * min_lr_ratio``.
     """
@@ -36,13 +52,42 @@ class FoundationModule(L.LightningModule):
         eps: float = 1e-6,
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
-        contrastive_weight: float = 1.0,
+        stage: str = "align",
+        loss_weights: dict[str, float] | None = None,
+        freeze: list[str] | None = None,
+        fidelity_images: int = 64,
+        fidelity_steps: int = 25,
+        guidance_scale: float = 3.0,
     ):
         super().__init__()
         self.save_hyperparameters()
+        if stage not in STAGES:
+            raise ValueError(f"model.stage must be one of {sorted(STAGES)}, got {stage!r}")
         self.model = FoundationModel(FoundationConfig.from_preset(preset, overrides))
+        self.loss_weights = {**STAGES[stage]["loss_weights"], **(loss_weights or {})}
+        unknown = set(self.loss_weights) - {"contrastive", "diffusion"}
+        if unknown:
+            raise ValueError(f"model.loss_weights has unknown loss(es) {sorted(unknown)}; known: contrastive, diffusion")
+        self.frozen = list(STAGES[stage]["freeze"] if freeze is None else freeze)
+        if set(self.frozen) - set(COMPONENTS):
+            raise ValueError(f"model.freeze entries must be among {COMPONENTS}, got {self.frozen}")
+        self.use_diffusion = self.loss_weights["diffusion"] > 0
+        if self.use_diffusion and self.model.decoder is None:
+            raise ValueError("model.loss_weights.diffusion > 0 needs a model with a decoder (config.decoder)")
+        for name in self.frozen:
+            module = self._component(name)
+            if module is not None:
+                module.requires_grad_(False)
         self.clip_loss = ClipLoss()
+        self.noise_scheduler = train_scheduler(self.model.config.decoder) if self.use_diffusion else None
+        self.ema = (
+            EMAModel(self.model.decoder.parameters(), decay=self.model.config.decoder.ema_decay)
+            if self.use_diffusion and "decoder" not in self.frozen else None
+        )
         self._val_outputs: list[dict[str, torch.Tensor]] = []
+
+    def _component(self, name: str) -> torch.nn.Module | None:
+        return {"text": self.model.encoders.text, "image": self.model.encoders.image, "decoder": self.model.decoder}[name]
 
     # ---- training ------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -64,17 +109,66 @@ class FoundationModule(L.LightningModule):
         return self.model.encoders(images, self.model.tokenize(batch["caption"]))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        out = self._encode(batch)
-        loss = self.clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
-        loss = self.hparams.contrastive_weight * loss
-        bs = batch["image"].shape[0]
+        w, bs = self.loss_weights, batch["image"].shape[0]
+        enc = self.model.encoders
+        tokens = self.model.tokenize(batch["caption"])
+        text_grad = "text" not in self.frozen
+        with torch.set_grad_enabled(text_grad and torch.is_grad_enabled()):
+            # one pass of the shared text encoder feeds every loss (full length when the decoder needs states)
+            text_states, text_pooled = enc.text(tokens, trim=False if self.use_diffusion else None)
+        loss = torch.zeros((), device=self.device)
+        if w["contrastive"] > 0:
+            image_features = torch.nn.functional.normalize(enc.image(self.model.normalize_pixels(batch["image"]))[1], dim=-1)
+            scale = enc.logit_scale.exp()
+            contrastive = self.clip_loss(image_features, torch.nn.functional.normalize(text_pooled, dim=-1), scale)
+            loss = loss + w["contrastive"] * contrastive
+            self.log("train/contrastive", contrastive, batch_size=bs)
+            self.log("train/logit_scale", scale, batch_size=bs)
+        if self.use_diffusion:
+            cfg = self.model.config.decoder
+            drop = torch.rand(bs, device=self.device) < cfg.cfg_dropout  # classifier-free guidance dropout
+            if drop.any():
+                with torch.set_grad_enabled(text_grad and torch.is_grad_enabled()):
+                    empty = self.model.text_states([""])  # [1, L, W]: the unconditional embedding
+                text_states = torch.where(drop[:, None, None], empty.to(text_states.dtype), text_states)
+            denoise = diffusion_loss(self.model.decoder, self.noise_scheduler, batch["image"] * 2 - 1, text_states, cfg.min_snr_gamma)
+            loss = loss + w["diffusion"] * denoise
+            self.log("train/diffusion", denoise, batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("train/logit_scale", out["logit_scale"], batch_size=bs)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():  # as CLIP: keep the temperature in [1, 100]
             self.model.encoders.logit_scale.clamp_(0, math.log(100))
+        if self.ema is not None:
+            self.ema.step(self.model.decoder.parameters())
+
+    # ---- EMA of the decoder ----------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if self.ema is not None:
+            self.ema.to(self.device)
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Swap the decoder's EMA weights in (validation samples, export), then back."""
+        if self.ema is None:
+            yield
+            return
+        params = list(self.model.decoder.parameters())
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None:
+            checkpoint["decoder_ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None and "decoder_ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["decoder_ema"])
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []
@@ -122,7 +216,31 @@ class FoundationModule(L.LightningModule):
         gathered = {k: self.all_gather(v) for k, v in merged.items()}
         merged = {k: v.flatten(0, 1) if v.dim() > merged[k].dim() else v for k, v in gathered.items()}
         metrics = self.evaluate_features(merged)
+        metrics.update(self.generation_fidelity())
         self.log_dict({f"{prefix}/{k}": v for k, v in metrics.items()}, sync_dist=False, rank_zero_only=True)
+
+    @torch.no_grad()
+    def generation_fidelity(self) -> dict[str, float]:
+        """Share of generated images (EMA decoder, fixed seeds) in which the shapes analyzer
+        finds the prompt's color+shape, and all attributes, for held-out and held-in prompts."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        prompts = dm.generation_prompts(self.hparams.fidelity_images) if dm is not None and self.use_diffusion else None
+        if not prompts:
+            return {}
+        with self.ema_weights():
+            out = FoundationPipeline(self.model)(
+                [p for p, _, _ in prompts], num_inference_steps=self.hparams.fidelity_steps,
+                guidance_scale=self.hparams.guidance_scale, output_type="np", show_progress=False,
+                generator=[torch.Generator(self.device).manual_seed(i) for i in range(len(prompts))],
+            )
+        self.model.train(self.training)
+        scores = shapes.fidelity(out.images, [t for _, t, _ in prompts])
+        metrics = {}
+        for split, held in (("heldout", True), ("heldin", False)):
+            idx = [i for i, (_, _, h) in enumerate(prompts) if h == held]
+            for kind in ("cs", "full"):
+                metrics[f"gen_{kind}_{split}"] = sum(scores[kind][i] for i in idx) / max(1, len(idx))
+        return metrics
 
     @torch.no_grad()
     def evaluate_features(self, feats: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -196,3 +196,27 @@ class ShapesDataset(Dataset):
         image, caption, sample = generate(self.seed, self.split, index, self.image_size)
         group = VAL_COMBOS.index(sample) if self.split == "val" else ALL_COMBOS.index(sample)
         return {"image": to_tensor(image), "caption": caption, "label": sample.label, "group": group}
+
+
+def generation_prompts(n: int) -> list[tuple[str, ShapeSample, bool]]:
+    """``n`` fixed (caption, truth, held_out) prompts for scoring generation: alternately a
+    held-out combination (never trained on) and a held-in one, each with its full caption."""
+    out = []
+    for k in range(n):
+        held_out = k % 2 == 0
+        sample = VAL_COMBOS[(k // 2) % len(VAL_COMBOS)] if held_out else TRAIN_COMBOS[(37 * (k // 2)) % len(TRAIN_COMBOS)]
+        out.append((describe(sample), sample, held_out))
+    return out
+
+
+def fidelity(images: list[Image.Image] | np.ndarray, truths: list[ShapeSample]) -> dict[str, list[bool]]:
+    """Per image: does the analyzer find the prompt's color+shape (``cs``) and all four
+    attributes (``full``)?"""
+    cs, full = [], []
+    for image, truth in zip(images, truths):
+        if isinstance(image, np.ndarray) and image.dtype != np.uint8:
+            image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+        found = analyze(image)
+        cs.append(found is not None and (found.color, found.shape) == (truth.color, truth.shape))
+        full.append(found == truth)
+    return {"cs": cs, "full": full}

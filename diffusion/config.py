@@ -1,0 +1,39 @@
+"""``DecoderConfig``: the pixel-space diffusion decoder and its training/noise settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DecoderConfig:
+    """A diffusers ``UNet2DConditionModel`` in pixel space (images up to 64x64), cross-attending
+    to the shared text encoder's token states."""
+
+    image_size: int = 32
+    channels: int = 3
+    block_out_channels: tuple[int, ...] = (64, 128)
+    layers_per_block: int = 1
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "UpBlock2D")
+    attention_head_dim: int = 32  # channels per head
+    norm_num_groups: int = 32
+    # training / noise schedule (diffusers' DDPMScheduler)
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: str = "epsilon"  # "epsilon" | "v_prediction"
+    cfg_dropout: float = 0.1  # probability that a caption is replaced by the empty prompt
+    min_snr_gamma: float | None = None  # min-SNR-gamma loss weighting (e.g. 5.0); None = off
+    ema_decay: float = 0.999
+
+    def validate(self) -> None:
+        if self.image_size > 64 or self.image_size % 2 ** (len(self.block_out_channels) - 1):
+            raise ValueError(f"decoder.image_size must be <= 64 and divisible by the UNet's downsampling, got {self.image_size}")
+        if len(self.down_block_types) != len(self.block_out_channels) or len(self.up_block_types) != len(self.block_out_channels):
+            raise ValueError("decoder.down_block_types / up_block_types need one entry per block_out_channels")
+        if any(c % self.attention_head_dim or c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError("decoder.block_out_channels must be multiples of attention_head_dim and norm_num_groups")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"decoder.prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
+        if not 0.0 <= self.cfg_dropout < 1.0:
+            raise ValueError(f"decoder.cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
