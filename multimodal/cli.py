@@ -1,18 +1,81 @@
 """The ``multimodal`` command. Training subcommands go to LightningCLI (imported lazily, so
-the modeling packages never import Lightning)."""
+the modeling packages never import Lightning); ``export`` and ``generate`` are plain argparse."""
 
 from __future__ import annotations
 
+import argparse
 import sys
+from pathlib import Path
 
 TRAIN_COMMANDS = ("fit", "validate", "test", "predict")
-USAGE = """usage: multimodal {fit,validate,test,predict} --config assets/configs/align.yaml [options]
+USAGE = """usage: multimodal {fit,validate,test,predict,export,generate} ...
 
-  fit        train (LightningCLI; --print_config shows every option)
+  fit        train (LightningCLI: --config assets/configs/align.yaml; --print_config shows every option)
   validate   evaluate a checkpoint on the validation split (--ckpt_path)
   test       same metrics on the held-out split (--ckpt_path)
   predict    run prediction (--ckpt_path)
+  export     Lightning checkpoint -> save_pretrained folder (decoder/ also in diffusers' format)
+  generate   text -> image(s) with a saved model
 """
+
+
+def _export(args: argparse.Namespace) -> int:
+    from train.module import FoundationModule
+
+    import torch
+
+    if not Path(args.ckpt).is_file():
+        raise FileNotFoundError(f"--ckpt not found: {args.ckpt}")
+    step = torch.load(args.ckpt, map_location="cpu", weights_only=True).get("global_step")
+    module = FoundationModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True)
+    card = (
+        f"# {Path(args.out).name}\n\nExported from `{args.ckpt}` (global step {step}) "
+        f"with `multimodal export --ckpt {args.ckpt} --out {args.out}`.\n\n"
+        f"Stage: `{module.hparams.stage}`, preset: `{module.hparams.preset}`. The decoder weights are the EMA weights.\n"
+    )
+    with module.ema_weights():
+        module.model.save_pretrained(args.out, model_card=card)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .pipeline import FoundationPipeline
+
+    pipe = FoundationPipeline.from_pretrained(args.model, scheduler=args.scheduler)
+    out = pipe(
+        args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        num_images_per_prompt=args.num_images,
+        generator=[torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)],
+    )
+    target = Path(args.out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    paths = [target] if len(out.images) == 1 else [target.with_name(f"{target.stem}_{i}{target.suffix}") for i in range(len(out.images))]
+    for image, path in zip(out.images, paths):
+        image.save(path)
+        print(f"wrote {path}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multimodal")
+    sub = parser.add_subparsers(dest="command", required=True)
+    exp = sub.add_parser("export", help="Lightning checkpoint -> save_pretrained folder")
+    exp.add_argument("--ckpt", required=True, help="a .ckpt written by multimodal fit")
+    exp.add_argument("--out", required=True, help="output folder")
+    gen = sub.add_parser("generate", help="text -> image(s)")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", required=True, help="a save_pretrained folder")
+    gen.add_argument("--out", default="image.png")
+    gen.add_argument("--negative", default=None, help="negative prompt")
+    gen.add_argument("--steps", type=int, default=25)
+    gen.add_argument("--guidance", type=float, default=3.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--scheduler", default="ddim")
+    gen.add_argument("--num-images", type=int, default=1)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,17 +83,20 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
-    if argv[0] in TRAIN_COMMANDS:
-        from train.cli import run_cli
+    try:
+        if argv[0] in TRAIN_COMMANDS:
+            from train.cli import run_cli
 
-        try:
             run_cli(argv)
-        except (ValueError, FileNotFoundError) as err:
-            print(f"multimodal {argv[0]}: error: {err}", file=sys.stderr)
+            return 0
+        if argv[0] not in ("export", "generate"):
+            print(f"multimodal: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
             return 2
-        return 0
-    print(f"multimodal: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
-    return 2
+        args = _parser().parse_args(argv)
+        return _export(args) if args.command == "export" else _generate(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"multimodal {argv[0]}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from PIL import Image, ImageDraw, ImageFont
 
-from multimodal.pipeline import zero_shot_weights
+from multimodal.pipeline import FoundationPipeline, zero_shot_weights
 
 
 @torch.no_grad()
@@ -57,10 +57,11 @@ def prediction_grid(
 class AlignmentReport(Callback):
     """At the end of ``fit``: evaluate on the validation split with the final weights, print
     zero-shot accuracy and retrieval recall, write ``val_predictions.png`` and ``metrics.json``
-    and export the weights as a ``save_pretrained`` folder (``model/``) in the run folder."""
+    and export the weights (EMA decoder) as a ``save_pretrained`` folder (``model/``) in the run
+    folder and, if ``export_to`` is set, there too (a stable path for the next stage's init_from)."""
 
-    def __init__(self, num_images: int = 16, top_k: int = 3, export: bool = True):
-        self.num_images, self.top_k, self.export = num_images, top_k, export
+    def __init__(self, num_images: int = 16, top_k: int = 3, export: bool = True, export_to: str | None = None):
+        self.num_images, self.top_k, self.export, self.export_to = num_images, top_k, export, export_to
 
     @torch.no_grad()
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -71,11 +72,13 @@ class AlignmentReport(Callback):
         pl_module.eval()
         feats = collect_features(trainer, pl_module, dm.val_dataloader())
         metrics = pl_module.evaluate_features(feats)
+        metrics.update(pl_module.generation_fidelity())
         out_dir = Path(trainer.log_dir or ".")
         out_dir.mkdir(parents=True, exist_ok=True)
         metrics["global_step"] = trainer.global_step
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        lines = [f"Held-out validation ({len(feats['image'])} images, combinations never seen in training):"]
+        lines = [f"Held-out validation ({len(feats['image'])} images, combinations never seen in training;"
+                 " gen_*: generated images scored by the shapes analyzer):"]
         lines += [f"  {k:>14}: {v:.4f}" if isinstance(v, float) else f"  {k:>14}: {v}" for k, v in metrics.items()]
 
         prompts = dm.zero_shot_prompts()
@@ -95,7 +98,55 @@ class AlignmentReport(Callback):
             prediction_grid(feats["pixels"][:n], titles, truth, preds).save(png)
             lines.append(f"  wrote {png}")
         if self.export:
-            model_dir = pl_module.model.save_pretrained(out_dir / "model")
-            lines.append(f"  saved model to {model_dir} (FoundationPipeline.from_pretrained)")
+            with pl_module.ema_weights():
+                for target in [out_dir / "model"] + ([Path(self.export_to)] if self.export_to else []):
+                    pl_module.model.save_pretrained(target)
+                    lines.append(f"  saved model to {target} (FoundationPipeline.from_pretrained)")
         print("\n".join(lines), file=sys.stdout, flush=True)
         pl_module.train(was_training)
+
+
+class SampleGrid(Callback):
+    """Every ``every_n_steps`` (and at the end of fit): generate the first ``num_images`` fixed
+    fidelity prompts with fixed seeds (EMA decoder) and write ``samples/step_XXXXXX.png`` in the
+    run folder: each image enlarged, its prompt above, the analyzer's reading below (green when
+    color and shape match the prompt)."""
+
+    def __init__(self, every_n_steps: int = 500, num_images: int = 16, steps: int = 25, guidance_scale: float = 3.0):
+        self.every_n_steps, self.num_images, self.steps, self.guidance_scale = every_n_steps, num_images, steps, guidance_scale
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self.write(trainer, pl_module)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.write(trainer, pl_module)
+
+    @torch.no_grad()
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
+        dm = trainer.datamodule
+        prompts = dm.generation_prompts(self.num_images) if dm is not None and pl_module.model.decoder is not None else None
+        if not trainer.is_global_zero or not prompts:
+            return None
+        from train.shapes import analyze
+
+        was_training = pl_module.training
+        with pl_module.ema_weights():
+            out = FoundationPipeline(pl_module.model)(
+                [p for p, _, _ in prompts], num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
+                output_type="pt", show_progress=False,
+                generator=[torch.Generator(pl_module.device).manual_seed(i) for i in range(len(prompts))],
+            )
+        pl_module.train(was_training)
+        readings = []
+        for img, (_, truth, _) in zip(out.images, prompts):
+            found = analyze((img.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+            name = f"{found.color} {found.shape}" if found else "nothing"
+            readings.append([(f"reads {name}", 1.0 if found and (found.color, found.shape) == (truth.color, truth.shape) else 0.0)])
+        truth = [f"reads {t.color} {t.shape}" for _, t, _ in prompts]
+        verdicts = [[(r[0][0] if r[0][1] else r[0][0] + " ", r[0][1])] for r in readings]
+        grid = prediction_grid(out.images, [p for p, _, _ in prompts], truth, verdicts)
+        path = Path(trainer.log_dir or ".") / "samples" / f"step_{trainer.global_step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        return path

@@ -10,11 +10,15 @@ import lightning as L
 import torch
 from open_clip.loss import ClipLoss
 
+from pathlib import Path
+
 from diffusers.training_utils import EMAModel
+from lightning.pytorch.utilities import rank_zero_info
+from safetensors.torch import load_file
 
 from diffusion.schedule import diffusion_loss, train_scheduler
 from multimodal.config import FoundationConfig
-from multimodal.model import FoundationModel
+from multimodal.model import WEIGHTS_NAME, FoundationModel
 from multimodal.pipeline import FoundationPipeline, zero_shot_weights
 
 from . import shapes
@@ -30,6 +34,28 @@ STAGES: dict[str, dict[str, Any]] = {
 }
 
 
+def load_matching_weights(model: FoundationModel, directory: str) -> dict[str, list[str]]:
+    """Start from a ``save_pretrained`` folder: copy every tensor whose name and shape match,
+    and report by name what was missing, mismatched or unexpected (printed, and returned)."""
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"model.init_from: no {WEIGHTS_NAME} in {directory}")
+    source, target = load_file(str(path)), model.state_dict()
+    report = {
+        "loaded": [k for k in target if k in source and source[k].shape == target[k].shape],
+        "missing": [k for k in target if k not in source],
+        "mismatched": [k for k in target if k in source and source[k].shape != target[k].shape],
+        "unexpected": [k for k in source if k not in target],
+    }
+    model.load_state_dict({k: source[k] for k in report["loaded"]}, strict=False)
+    rank_zero_info(f"init_from {directory}: loaded {len(report['loaded'])} tensors")
+    for kind in ("missing", "mismatched", "unexpected"):
+        if report[kind]:
+            names = ", ".join(report[kind][:8]) + (" ..." if len(report[kind]) > 8 else "")
+            rank_zero_info(f"init_from {directory}: {len(report[kind])} {kind} (kept initial values): {names}")
+    return report
+
+
 class FoundationModule(L.LightningModule):
     """Args:
         preset: named model preset (``tiny``, ``shapes``, ``base``).
@@ -37,6 +63,7 @@ class FoundationModule(L.LightningModule):
         stage: ``align`` (contrastive), ``decoder`` (diffusion, encoders frozen) or ``joint``.
         loss_weights / freeze: override the stage's loss weights (``contrastive``, ``diffusion``)
             and frozen components (``text``, ``image``, ``decoder``).
+        init_from: a ``save_pretrained`` folder to start from (matching tensors are copied).
         fidelity_images / fidelity_steps / guidance_scale: generation fidelity at validation.
         lr, weight_decay, betas, eps: AdamW (no decay on norms, biases, embeddings, logit scale).
         warmup_steps, min_lr_ratio: linear warmup, then cosine decay to ``lr * min_lr_ratio``.
@@ -55,6 +82,7 @@ class FoundationModule(L.LightningModule):
         stage: str = "align",
         loss_weights: dict[str, float] | None = None,
         freeze: list[str] | None = None,
+        init_from: str | None = None,
         fidelity_images: int = 64,
         fidelity_steps: int = 25,
         guidance_scale: float = 3.0,
@@ -64,6 +92,8 @@ class FoundationModule(L.LightningModule):
         if stage not in STAGES:
             raise ValueError(f"model.stage must be one of {sorted(STAGES)}, got {stage!r}")
         self.model = FoundationModel(FoundationConfig.from_preset(preset, overrides))
+        if init_from is not None:
+            self.init_report = load_matching_weights(self.model, init_from)
         self.loss_weights = {**STAGES[stage]["loss_weights"], **(loss_weights or {})}
         unknown = set(self.loss_weights) - {"contrastive", "diffusion"}
         if unknown:

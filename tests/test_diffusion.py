@@ -1,0 +1,104 @@
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from diffusion.processor import CoreAttnProcessor
+from diffusion.schedule import diffusion_loss, train_scheduler
+from encoders.attention import attention_backend
+from multimodal import FoundationPipeline
+
+
+def _inputs(model, batch=2):
+    dec = model.decoder
+    size, ch = dec.config.image_size, dec.config.channels
+    return torch.randn(batch, ch, size, size), torch.tensor([10, 700])[:batch], model.text_states(["a red circle", "a blue square"][:batch])
+
+
+def test_every_attention_uses_the_core_processor_and_matches_diffusers(tiny_model):
+    unet = tiny_model.decoder.unet
+    processors = unet.attn_processors
+    assert processors and all(isinstance(p, CoreAttnProcessor) for p in processors.values())
+    assert any("attn2" in name for name in processors)  # cross-attention to the text states is there
+    sample, t, states = _inputs(tiny_model)
+    with torch.no_grad():
+        ours = tiny_model.decoder(sample, t, states)
+        with attention_backend("math"):
+            ours_math = tiny_model.decoder(sample, t, states)
+        unet.set_attn_processor(AttnProcessor2_0())
+        reference = unet(sample, t, encoder_hidden_states=states).sample
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours_math, reference, atol=1e-5, rtol=0)
+
+
+def test_exported_decoder_loads_in_diffusers(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "model")
+    unet = UNet2DConditionModel.from_pretrained(str(tmp_path / "model" / "decoder")).eval()
+    sample, t, states = _inputs(tiny_model)
+    with torch.no_grad():
+        torch.testing.assert_close(unet(sample, t, encoder_hidden_states=states).sample, tiny_model.decoder(sample, t, states), atol=1e-5, rtol=0)
+
+
+def _gens(*seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm++", "euler"])
+def test_same_seed_same_images_and_batching_is_invisible(tiny_model, scheduler):
+    pipe = FoundationPipeline(tiny_model, scheduler=scheduler)
+    kw = dict(num_inference_steps=3, guidance_scale=2.0, output_type="pt", show_progress=False)
+    a = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+    b = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, pipe("a red circle", generator=torch.Generator().manual_seed(1), **kw).images)
+    batched = pipe(["a red circle", "a blue square"], num_images_per_prompt=2, generator=_gens(0, 1, 2, 3), **kw).images
+    singles = [pipe(p, generator=_gens(s), **kw).images[0] for p, s in [("a red circle", 0), ("a red circle", 1), ("a blue square", 2), ("a blue square", 3)]]
+    assert batched.shape == (4, 3, 32, 32)
+    # batched convolutions may pick other kernels: equal within one 8-bit level
+    torch.testing.assert_close(batched, torch.stack(singles), atol=1 / 255, rtol=0)
+
+
+def test_output_types_and_progress_callback(tiny_model):
+    pipe = FoundationPipeline(tiny_model)
+    seen = []
+    out = pipe("x", num_inference_steps=2, show_progress=False, callback_on_step_end=lambda i, t, x: seen.append(i))
+    assert seen == [0, 1] and out.images[0].size == (32, 32)
+    arr = pipe("x", num_inference_steps=1, output_type="np", show_progress=False).images
+    assert arr.shape == (1, 32, 32, 3) and 0 <= arr.min() and arr.max() <= 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_inference_steps=0), "num_inference_steps"),
+        (dict(guidance_scale=-1), "guidance_scale"),
+        (dict(prompt=[]), "prompt"),
+        (dict(height=64), "height must be 32"),
+        (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+        (dict(output_type="jpg"), "output_type"),
+        (dict(scheduler="plms2"), "scheduler must be one of"),
+    ],
+)
+def test_bad_generation_arguments(tiny_model, kwargs, match):
+    kwargs = {"prompt": "a red circle", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        FoundationPipeline(tiny_model)(show_progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("prediction_type, gamma", [("epsilon", None), ("v_prediction", 5.0)])
+def test_diffusion_loss_trains(tiny_model, prediction_type, gamma):
+    cfg = tiny_model.config.decoder
+    cfg.prediction_type = prediction_type
+    sched = train_scheduler(cfg)
+    images = torch.rand(8, 3, 32, 32) * 2 - 1
+    states = tiny_model.text_states(["a red circle"] * 8).detach()
+    opt = torch.optim.Adam(tiny_model.decoder.parameters(), lr=3e-3)
+    losses = []
+    for step in range(30):
+        torch.manual_seed(step % 3)
+        loss = diffusion_loss(tiny_model.decoder, sched, images, states, gamma)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-3:]) < sum(losses[:3])
