@@ -1,5 +1,8 @@
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from multimodal import FoundationConfig, FoundationModel
 
@@ -12,3 +15,30 @@ def _seed():
 @pytest.fixture
 def tiny_model() -> FoundationModel:
     return FoundationModel(FoundationConfig.from_preset("tiny")).eval()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+ALIGN = ROOT / "assets" / "configs" / "align.yaml"
+DECODER = ROOT / "assets" / "configs" / "decoder.yaml"
+
+
+def scaled_config(tmp_path: Path, source: Path, every_n: int = 2, model: dict | None = None, **trainer) -> Path:
+    """A shipped config scaled down to the tiny preset, writing under ``tmp_path``."""
+    cfg = yaml.safe_load(source.read_text())
+    name = cfg["trainer"]["logger"]["init_args"]["name"]
+    cfg["trainer"].update({"max_steps": 4, "val_check_interval": 2, "log_every_n_steps": 1,
+                           "enable_progress_bar": False, "enable_model_summary": False, **trainer})
+    for cb in cfg["trainer"]["callbacks"]:
+        args = cb.setdefault("init_args", {})
+        if cb["class_path"].endswith("ModelCheckpoint"):
+            args.update({"dirpath": str(tmp_path / f"runs/{name}/checkpoints"), "every_n_train_steps": every_n})
+        if "export_to" in args:
+            args["export_to"] = str(tmp_path / f"runs/{name}/model")
+        if cb["class_path"].endswith("SampleGrid"):
+            args.update({"every_n_steps": every_n, "num_images": 4, "steps": 2})
+    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
+    cfg["model"].update({"preset": "tiny", "warmup_steps": 1, **(model or {})})
+    cfg["data"].update({"batch_size": 16, "val_size": 48, "num_workers": 0})
+    path = tmp_path / f"tiny_{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

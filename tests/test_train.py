@@ -14,22 +14,11 @@ import yaml
 from multimodal import FoundationPipeline
 from multimodal.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
-ALIGN = ROOT / "assets" / "configs" / "align.yaml"
+from conftest import ALIGN, scaled_config
 
 
 def tiny_config(tmp_path: Path, every_n: int = 2, **trainer) -> Path:
-    """The shipped align.yaml, scaled down to the tiny preset."""
-    cfg = yaml.safe_load(ALIGN.read_text())
-    cfg["trainer"].update({"max_steps": 4, "val_check_interval": 2, "log_every_n_steps": 1,
-                           "enable_progress_bar": False, "enable_model_summary": False, **trainer})
-    cfg["trainer"]["callbacks"][0]["init_args"].update({"dirpath": str(tmp_path / "runs/align/checkpoints"), "every_n_train_steps": every_n})
-    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
-    cfg["model"].update({"preset": "tiny", "warmup_steps": 1})
-    cfg["data"].update({"batch_size": 16, "val_size": 48, "num_workers": 0})
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return scaled_config(tmp_path, ALIGN, every_n=every_n, **trainer)
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

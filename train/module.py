@@ -167,7 +167,9 @@ class FoundationModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # right after the update (before any callback, e.g. a checkpoint, sees this step)
+        super().optimizer_step(*args, **kwargs)
         with torch.no_grad():  # as CLIP: keep the temperature in [1, 100]
             self.model.encoders.logit_scale.clamp_(0, math.log(100))
         if self.ema is not None:
