@@ -39,6 +39,8 @@ class Decoder(nn.Module):
         super().__init__()
         self.config = config
         self.unet = build_unet(config, cross_attention_dim)
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.unet.to(memory_format=self.memory_format)
         self.set_attention_backend(attention_backend)
 
     def set_attention_backend(self, backend: str | None) -> None:
@@ -47,9 +49,14 @@ class Decoder(nn.Module):
 
     def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
         # sample [B, C, S, S], timesteps [B], text_states [B, L, W] -> prediction [B, C, S, S]
+        sample = sample.contiguous(memory_format=self.memory_format)
         return self.unet(sample, timesteps, encoder_hidden_states=text_states).sample
 
     def save_diffusers(self, directory: str | Path) -> Path:
         """Write the UNet in diffusers' own folder format (``UNet2DConditionModel.from_pretrained``)."""
-        self.unet.save_pretrained(str(directory), safe_serialization=True)
+        self.unet.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors
+        try:
+            self.unet.save_pretrained(str(directory), safe_serialization=True)
+        finally:
+            self.unet.to(memory_format=self.memory_format)
         return Path(directory)

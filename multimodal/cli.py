@@ -27,7 +27,8 @@ def _export(args: argparse.Namespace) -> int:
     if not Path(args.ckpt).is_file():
         raise FileNotFoundError(f"--ckpt not found: {args.ckpt}")
     step = torch.load(args.ckpt, map_location="cpu", weights_only=True).get("global_step")
-    module = FoundationModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True)
+    # init_from=None: the checkpoint holds every weight, so the run's starting folder is not needed
+    module = FoundationModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True, init_from=None)
     card = (
         f"# {Path(args.out).name}\n\nExported from `{args.ckpt}` (global step {step}) "
         f"with `multimodal export --ckpt {args.ckpt} --out {args.out}`.\n\n"

@@ -54,7 +54,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "embed_dim": 128,
         "text": {"context_length": 16, "width": 128, "layers": 2, "heads": 4},
         "image": {"image_size": 32, "patch_size": 8, "width": 128, "layers": 3, "heads": 4, "mean": _HALF, "std": _HALF},
-        "decoder": {"block_out_channels": (32, 64), "attention_head_dim": 32},
+        "decoder": {
+            "block_out_channels": (32, 64), "attention_head_dim": 32,
+            "beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction", "min_snr_gamma": 5.0,
+        },
     },
     "base": {  # ViT-B/16 image tower, CLIP text tower
         "embed_dim": 512,

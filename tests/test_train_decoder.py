@@ -58,3 +58,14 @@ def test_generate_names_bad_arguments(tmp_path):
     result = subprocess.run([sys.executable, "-m", "multimodal.cli", "generate", "x", "--model", str(tmp_path / "m"), "--steps", "0"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "num_inference_steps must be at least 1" in result.stderr
+
+
+def test_joint_stage_trains_both_losses_through_one_text_pass(tmp_path):
+    from conftest import ROOT
+
+    cfg = scaled_config(tmp_path, ROOT / "assets/configs/joint.yaml", max_steps=2,
+                        model={"fidelity_images": 2, "fidelity_steps": 1})
+    assert main(["fit", "--config", str(cfg)]) == 0
+    header, *rows = (tmp_path / "runs/joint/version_0/metrics.csv").read_text().splitlines()
+    logged = {k for row in rows for k, v in zip(header.split(","), row.split(",")) if v}
+    assert {"train/contrastive", "train/diffusion", "val/zero_shot_acc", "val/gen_cs_heldout"} <= logged

@@ -149,4 +149,9 @@ class SampleGrid(Callback):
         path = Path(trainer.log_dir or ".") / "samples" / f"step_{trainer.global_step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if hasattr(experiment, "add_image"):  # TensorBoard
+            import numpy as np
+
+            experiment.add_image("samples", np.asarray(grid), trainer.global_step, dataformats="HWC")
         return path

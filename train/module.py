@@ -64,7 +64,8 @@ class FoundationModule(L.LightningModule):
         loss_weights / freeze: override the stage's loss weights (``contrastive``, ``diffusion``)
             and frozen components (``text``, ``image``, ``decoder``).
         init_from: a ``save_pretrained`` folder to start from (matching tensors are copied).
-        fidelity_images / fidelity_steps / guidance_scale: generation fidelity at validation.
+        fidelity_images / fidelity_steps / fidelity_scheduler / guidance_scale: generation
+            fidelity at validation (fixed prompts and seeds, EMA decoder).
         lr, weight_decay, betas, eps: AdamW (no decay on norms, biases, embeddings, logit scale).
         warmup_steps, min_lr_ratio: linear warmup, then cosine decay to ``lr * min_lr_ratio``.
     """
@@ -85,6 +86,7 @@ class FoundationModule(L.LightningModule):
         init_from: str | None = None,
         fidelity_images: int = 64,
         fidelity_steps: int = 25,
+        fidelity_scheduler: str = "dpm++",
         guidance_scale: float = 3.0,
     ):
         super().__init__()
@@ -263,6 +265,7 @@ class FoundationModule(L.LightningModule):
             out = FoundationPipeline(self.model)(
                 [p for p, _, _ in prompts], num_inference_steps=self.hparams.fidelity_steps,
                 guidance_scale=self.hparams.guidance_scale, output_type="np", show_progress=False,
+                scheduler=self.hparams.fidelity_scheduler,
                 generator=[torch.Generator(self.device).manual_seed(i) for i in range(len(prompts))],
             )
         self.model.train(self.training)

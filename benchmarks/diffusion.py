@@ -1,0 +1,129 @@
+"""The diffusion decoder against bare diffusers, side by side in one process:
+
+1. training step (noise, forward, MSE, backward, AdamW): our ``Decoder`` (core attention
+   processor, channels-last) vs a bare ``diffusers.UNet2DConditionModel`` of the same config
+   and weights (its default processor and memory format);
+2. sampling: our ``FoundationPipeline.__call__`` (CFG, DPM-Solver++) vs a plain diffusers-style
+   denoising loop over the bare UNet with the same scheduler, prompts and step count.
+
+    python benchmarks/diffusion.py [--preset shapes] [--batch 64] [--precision 32 bf16-mixed]
+
+Prints samples/s (images/s) of each and the ratio ours / diffusers, in each precision.
+Rounds alternate the order of the two; figures are medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+
+from diffusion.schedule import sampling_scheduler, train_scheduler
+from multimodal import FoundationConfig, FoundationModel, FoundationPipeline
+
+
+def timed(fn, rounds: int) -> list[float]:
+    out = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="shapes")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--bf16-batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3, help="training steps per round")
+    parser.add_argument("--sample-steps", type=int, default=25)
+    parser.add_argument("--images", type=int, default=16, help="images per sampling call")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--precision", nargs="+", default=["32", "bf16-mixed"])
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = FoundationModel(FoundationConfig.from_preset(args.preset)).eval()
+    cfg = model.config.decoder
+    bare = UNet2DConditionModel.from_config(model.decoder.unet.config)
+    bare.load_state_dict(model.decoder.unet.state_dict())
+    print(f"preset={args.preset} decoder params={sum(p.numel() for p in bare.parameters()) / 1e6:.2f}M "
+          f"threads={torch.get_num_threads()} torch={torch.__version__}")
+    noise_sched = train_scheduler(cfg)
+
+    for precision in args.precision:
+        bf16 = precision == "bf16-mixed"
+        autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+        batch = args.bf16_batch if bf16 else args.batch
+        images = torch.rand(batch, cfg.channels, cfg.image_size, cfg.image_size) * 2 - 1
+        states = model.text_states(["a small red circle at the top left"] * batch).detach()
+
+        def make_train(unet_call, params):
+            opt = torch.optim.AdamW(params, lr=1e-4)
+
+            def run():
+                for i in range(args.steps):
+                    g = torch.Generator().manual_seed(i)
+                    noise = torch.randn(images.shape, generator=g)
+                    t = torch.randint(0, cfg.num_train_timesteps, (batch,), generator=g)
+                    with autocast():
+                        pred = unet_call(noise_sched.add_noise(images, noise, t), t, states)
+                        loss = F.mse_loss(pred.float(), noise)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            return run
+
+        model.decoder.train()
+        bare.train()
+        trains = {
+            "ours": make_train(model.decoder, model.decoder.parameters()),
+            "diffusers": make_train(lambda x, t, s: bare(x, t, encoder_hidden_states=s).sample, bare.parameters()),
+        }
+        model.decoder.eval()
+        bare.eval()
+        n_img = min(args.images, batch) if bf16 else args.images
+        prompts = ["a small red circle at the top left", "a large blue square in the center"] * (n_img // 2)
+        pipe = FoundationPipeline(model, scheduler="dpm++")
+
+        def ours_sample():
+            with autocast():
+                pipe(prompts, num_inference_steps=args.sample_steps, guidance_scale=3.0, show_progress=False,
+                     generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))], output_type="pt")
+
+        @torch.no_grad()
+        def diffusers_sample():  # the loop a diffusers user writes around the same UNet and scheduler
+            with autocast():
+                sched = sampling_scheduler("dpm++", cfg)
+                cond, uncond = model.text_states(prompts), model.text_states([""] * len(prompts))
+                gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+                x = torch.stack([torch.randn(images.shape[1:], generator=g) for g in gens]) * sched.init_noise_sigma
+                sched.set_timesteps(args.sample_steps)
+                emb = torch.cat([uncond, cond])
+                for t in sched.timesteps:
+                    inp = sched.scale_model_input(torch.cat([x, x]), t)
+                    u, c = bare(inp, t, encoder_hidden_states=emb).sample.float().chunk(2)
+                    x = sched.step(u + 3.0 * (c - u), t, x).prev_sample
+
+        for label, fns, count in (("train step", trains, batch * args.steps), ("sampling", {"ours": ours_sample, "diffusers": diffusers_sample}, n_img)):
+            for fn in fns.values():
+                fn()  # warm-up
+            times: dict[str, list[float]] = {k: [] for k in fns}
+            for r in range(args.rounds):
+                for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+                    with (contextlib.nullcontext() if label == "train step" else torch.inference_mode()):
+                        times[name] += timed(fns[name], 1)
+            o, d = (count / statistics.median(times[k]) for k in ("ours", "diffusers"))
+            unit = "samples/s" if label == "train step" else "images/s"
+            print(f"precision={precision:<10} {label:<10} batch={count if label == 'sampling' else batch:<4} "
+                  f"ours {o:8.2f} {unit} | diffusers {d:8.2f} {unit} | ratio {o / d:.3f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
