@@ -17,14 +17,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
+# This file is named like the `diffusion` package; keep its folder from shadowing the package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from diffusion.schedule import sampling_scheduler, train_scheduler
-from multimodal import FoundationConfig, FoundationModel, FoundationPipeline
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from diffusers import UNet2DConditionModel  # noqa: E402
+
+from diffusion.schedule import sampling_scheduler, train_scheduler  # noqa: E402
+from multimodal import FoundationConfig, FoundationModel, FoundationPipeline  # noqa: E402
 
 
 def timed(fn, rounds: int) -> list[float]:
