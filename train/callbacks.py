@@ -144,8 +144,7 @@ class SampleGrid(Callback):
             name = f"{found.color} {found.shape}" if found else "nothing"
             readings.append([(f"reads {name}", 1.0 if found and (found.color, found.shape) == (truth.color, truth.shape) else 0.0)])
         truth = [f"reads {t.color} {t.shape}" for _, t, _ in prompts]
-        verdicts = [[(r[0][0] if r[0][1] else r[0][0] + " ", r[0][1])] for r in readings]
-        grid = prediction_grid(out.images, [p for p, _, _ in prompts], truth, verdicts)
+        grid = prediction_grid(out.images, [p for p, _, _ in prompts], truth, readings)
         path = Path(trainer.log_dir or ".") / "samples" / f"step_{trainer.global_step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
