@@ -75,7 +75,10 @@ class FoundationPipeline:
         for name, value in (("height", height), ("width", width)):
             if value is not None and value != size:
                 raise ValueError(f"{name} must be {size} (the decoder's image_size), got {value}")
-        negatives = [negative_prompt or ""] * len(prompts) if negative_prompt is None or isinstance(negative_prompt, str) else list(negative_prompt)
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            negatives = [negative_prompt or ""] * len(prompts)  # default: the empty prompt
+        else:
+            negatives = list(negative_prompt)
         if len(negatives) != len(prompts):
             raise ValueError(f"negative_prompt must be a string or a list as long as prompt ({len(prompts)}), got {len(negatives)}")
         n = len(prompts) * num_images_per_prompt

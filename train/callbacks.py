@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from PIL import Image, ImageDraw, ImageFont
 
-from multimodal.pipeline import FoundationPipeline, zero_shot_weights
+from multimodal.pipeline import zero_shot_weights
 
 
 @torch.no_grad()
@@ -112,8 +112,11 @@ class SampleGrid(Callback):
     run folder: each image enlarged, its prompt above, the analyzer's reading below (green when
     color and shape match the prompt)."""
 
-    def __init__(self, every_n_steps: int = 500, num_images: int = 16, steps: int = 25, guidance_scale: float = 3.0):
-        self.every_n_steps, self.num_images, self.steps, self.guidance_scale = every_n_steps, num_images, steps, guidance_scale
+    def __init__(
+        self, every_n_steps: int = 500, num_images: int = 16, steps: int = 25, guidance_scale: float = 3.0, scheduler: str = "ddim"
+    ):
+        self.every_n_steps, self.num_images, self.steps = every_n_steps, num_images, steps
+        self.guidance_scale, self.scheduler = guidance_scale, scheduler
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every_n_steps == 0:
@@ -130,21 +133,14 @@ class SampleGrid(Callback):
             return None
         from train.shapes import analyze
 
-        was_training = pl_module.training
-        with pl_module.ema_weights():
-            out = FoundationPipeline(pl_module.model)(
-                [p for p, _, _ in prompts], num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
-                output_type="pt", show_progress=False,
-                generator=[torch.Generator(pl_module.device).manual_seed(i) for i in range(len(prompts))],
-            )
-        pl_module.train(was_training)
+        images = pl_module.generate_fixed([p for p, _, _ in prompts], self.steps, self.guidance_scale, self.scheduler)
         readings = []
-        for img, (_, truth, _) in zip(out.images, prompts):
+        for img, (_, truth, _) in zip(images, prompts):
             found = analyze((img.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
             name = f"{found.color} {found.shape}" if found else "nothing"
             readings.append([(f"reads {name}", 1.0 if found and (found.color, found.shape) == (truth.color, truth.shape) else 0.0)])
         truth = [f"reads {t.color} {t.shape}" for _, t, _ in prompts]
-        grid = prediction_grid(out.images, [p for p, _, _ in prompts], truth, readings)
+        grid = prediction_grid(images, [p for p, _, _ in prompts], truth, readings)
         path = Path(trainer.log_dir or ".") / "samples" / f"step_{trainer.global_step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)

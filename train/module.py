@@ -254,6 +254,20 @@ class FoundationModule(L.LightningModule):
         self.log_dict({f"{prefix}/{k}": v for k, v in metrics.items()}, sync_dist=False, rank_zero_only=True)
 
     @torch.no_grad()
+    def generate_fixed(self, prompts: list[str], steps: int, guidance_scale: float, scheduler: str) -> torch.Tensor:
+        """Images [N, C, S, S] in [0, 1] from the EMA decoder, image i seeded with i (comparable
+        across validations); leaves the module in the train/eval mode it had."""
+        was_training = self.training
+        with self.ema_weights():
+            out = FoundationPipeline(self.model)(
+                prompts, num_inference_steps=steps, guidance_scale=guidance_scale, scheduler=scheduler,
+                output_type="pt", show_progress=False,
+                generator=[torch.Generator(self.device).manual_seed(i) for i in range(len(prompts))],
+            )
+        self.train(was_training)
+        return out.images
+
+    @torch.no_grad()
     def generation_fidelity(self) -> dict[str, float]:
         """Share of generated images (EMA decoder, fixed seeds) in which the shapes analyzer
         finds the prompt's color+shape, and all attributes, for held-out and held-in prompts."""
@@ -261,15 +275,10 @@ class FoundationModule(L.LightningModule):
         prompts = dm.generation_prompts(self.hparams.fidelity_images) if dm is not None and self.use_diffusion else None
         if not prompts:
             return {}
-        with self.ema_weights():
-            out = FoundationPipeline(self.model)(
-                [p for p, _, _ in prompts], num_inference_steps=self.hparams.fidelity_steps,
-                guidance_scale=self.hparams.guidance_scale, output_type="np", show_progress=False,
-                scheduler=self.hparams.fidelity_scheduler,
-                generator=[torch.Generator(self.device).manual_seed(i) for i in range(len(prompts))],
-            )
-        self.model.train(self.training)
-        scores = shapes.fidelity(out.images, [t for _, t, _ in prompts])
+        images = self.generate_fixed(
+            [p for p, _, _ in prompts], self.hparams.fidelity_steps, self.hparams.guidance_scale, self.hparams.fidelity_scheduler
+        )
+        scores = shapes.fidelity(images.permute(0, 2, 3, 1).cpu().numpy(), [t for _, t, _ in prompts])
         metrics = {}
         for split, held in (("heldout", True), ("heldin", False)):
             idx = [i for i, (_, _, h) in enumerate(prompts) if h == held]
