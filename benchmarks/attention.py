@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import _no_shadow  # noqa: F401  (first: keeps benchmarks/diffusion.py from shadowing the package)
 import torch
 
 from encoders.attention import attention, attention_backend

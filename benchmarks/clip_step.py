@@ -15,6 +15,7 @@ import statistics
 import time
 
 import open_clip
+import _no_shadow  # noqa: F401  (first: keeps benchmarks/diffusion.py from shadowing the package)
 import torch
 from open_clip.loss import ClipLoss
 

@@ -17,19 +17,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import sys
 import time
-from pathlib import Path
 
-# This file is named like the `diffusion` package; keep its folder from shadowing the package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import _no_shadow  # noqa: F401  (first: this file's name would shadow the diffusion package)
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from diffusers import UNet2DConditionModel  # noqa: E402
-
-from diffusion.schedule import sampling_scheduler, train_scheduler  # noqa: E402
-from multimodal import FoundationConfig, FoundationModel, FoundationPipeline  # noqa: E402
+from diffusion.schedule import sampling_scheduler, train_scheduler
+from multimodal import FoundationConfig, FoundationModel, FoundationPipeline
 
 
 def timed(fn, rounds: int) -> list[float]:
@@ -67,7 +63,9 @@ def main() -> None:
         autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
         batch = args.bf16_batch if bf16 else args.batch
         images = torch.rand(batch, cfg.channels, cfg.image_size, cfg.image_size) * 2 - 1
-        states = model.text_states(["a small red circle at the top left"] * batch).detach()
+        with torch.no_grad():
+            cond = model.text_condition(["a small red circle at the top left"] * batch)
+        labels = model.decoder.class_labels(cond.embeds) if cfg.text_embed_conditioning else None
 
         def make_train(unet_call, params):
             opt = torch.optim.AdamW(params, lr=1e-4)
@@ -78,7 +76,7 @@ def main() -> None:
                     noise = torch.randn(images.shape, generator=g)
                     t = torch.randint(0, cfg.num_train_timesteps, (batch,), generator=g)
                     with autocast():
-                        pred = unet_call(noise_sched.add_noise(images, noise, t), t, states)
+                        pred = unet_call(noise_sched.add_noise(images, noise, t), t, cond)
                         loss = F.mse_loss(pred.float(), noise)
                     loss.backward()
                     opt.step()
@@ -89,7 +87,9 @@ def main() -> None:
         bare.train()
         trains = {
             "ours": make_train(model.decoder, model.decoder.parameters()),
-            "diffusers": make_train(lambda x, t, s: bare(x, t, encoder_hidden_states=s).sample, bare.parameters()),
+            "diffusers": make_train(
+                lambda x, t, c: bare(x, t, encoder_hidden_states=c.states, class_labels=labels).sample, bare.parameters()
+            ),
         }
         model.decoder.eval()
         bare.eval()
@@ -106,14 +106,14 @@ def main() -> None:
         def diffusers_sample():  # the loop a diffusers user writes around the same UNet and scheduler
             with autocast():
                 sched = sampling_scheduler("dpm++", cfg)
-                cond, uncond = model.text_states(prompts), model.text_states([""] * len(prompts))
+                both = model.text_condition([""] * len(prompts)).cat(model.text_condition(prompts))
+                both_labels = model.decoder.class_labels(both.embeds) if cfg.text_embed_conditioning else None
                 gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
                 x = torch.stack([torch.randn(images.shape[1:], generator=g) for g in gens]) * sched.init_noise_sigma
                 sched.set_timesteps(args.sample_steps)
-                emb = torch.cat([uncond, cond])
                 for t in sched.timesteps:
                     inp = sched.scale_model_input(torch.cat([x, x]), t)
-                    u, c = bare(inp, t, encoder_hidden_states=emb).sample.float().chunk(2)
+                    u, c = bare(inp, t, encoder_hidden_states=both.states, class_labels=both_labels).sample.float().chunk(2)
                     x = sched.step(u + 3.0 * (c - u), t, x).prev_sample
 
         for label, fns, count in (("train step", trains, batch * args.steps), ("sampling", {"ours": ours_sample, "diffusers": diffusers_sample}, n_img)):

@@ -18,6 +18,11 @@ class DecoderConfig:
     up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "UpBlock2D")
     attention_head_dim: int = 32  # channels per head
     norm_num_groups: int = 32
+    # Also condition on the text's embedding in the shared space (pooled, projected, unit norm),
+    # added to the timestep embedding of every ResNet block (diffusers class_embed_type
+    # "projection", as in unCLIP): a global signal for what the image shows, next to the
+    # per-token cross-attention that places it. Small decoders learn shape and layout much faster.
+    text_embed_conditioning: bool = True
     channels_last: bool = True  # NHWC convolutions: faster on CPU (oneDNN) and on GPUs
     # training / noise schedule (diffusers' DDPMScheduler)
     num_train_timesteps: int = 1000

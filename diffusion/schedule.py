@@ -13,6 +13,7 @@ from diffusers import (
 )
 
 from .config import DecoderConfig
+from .decoder import TextCondition
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -47,11 +48,11 @@ def diffusion_loss(
     decoder,
     scheduler: DDPMScheduler,
     images: torch.Tensor,
-    text_states: torch.Tensor,
+    cond: TextCondition,
     min_snr_gamma: float | None = None,
 ) -> torch.Tensor:
     """MSE between the decoder's prediction and the target (noise, or v), optionally weighted
-    by min-SNR-gamma. ``images`` [B, C, S, S] in [-1, 1]; ``text_states`` [B, L, W]."""
+    by min-SNR-gamma. ``images`` [B, C, S, S] in [-1, 1]; ``cond`` for the same B texts."""
     noise = torch.randn_like(images)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (images.shape[0],), device=images.device)
     noisy = scheduler.add_noise(images, noise, t)
@@ -59,7 +60,7 @@ def diffusion_loss(
         target = scheduler.get_velocity(images, noise, t)
     else:
         target = noise
-    pred = decoder(noisy, t, text_states)  # [B, C, S, S]
+    pred = decoder(noisy, t, cond)  # [B, C, S, S]
     per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # [B]
     if min_snr_gamma is not None:
         alphas = scheduler.alphas_cumprod.to(images.device)[t]

@@ -35,6 +35,28 @@ def make_activation(name: str) -> nn.Module:
     return nn.GELU() if name == "gelu" else QuickGELU()
 
 
+class KVCache:
+    """Keys/values kept between generation steps, per attention module.
+
+    Self-attention keys/values grow with each new position, so a step costs one position
+    instead of the whole prefix; cross-attention keys/values of a fixed context (image tokens)
+    are computed on the first step only. ``reorder`` follows beams in beam search.
+    """
+
+    def __init__(self) -> None:
+        self.store: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.store.get(module)
+
+    def put(self, module: nn.Module, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.store[module] = (k, v)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` [B'] (in that order) of every cached tensor."""
+        self.store = {m: (k.index_select(0, index), v.index_select(0, index)) for m, (k, v) in self.store.items()}
+
+
 class Attention(nn.Module):
     """Multi-head self-attention (fused qkv) or cross-attention (q from x, kv from context)."""
 
@@ -57,13 +79,32 @@ class Attention(nn.Module):
         *,
         causal: bool = False,
         mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         b, n, d = x.shape  # x: [B, N, D]; context: [B, M, Dc]
         if self.is_cross:
             q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2)  # [B, H, N, Dh]
-            k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+            cached = cache.get(self) if cache is not None else None
+            if cached is None:
+                k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+                if cache is not None:
+                    cache.put(self, k, v)
+            else:
+                k, v = cached  # [B, H, M, Dh], computed on the first step
         else:
             q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # 3 x [B, H, N, Dh]
+            if cache is not None:
+                past = cache.get(self)
+                if past is not None:  # new positions follow the P cached ones
+                    k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # [B, H, P + N, Dh]
+                    if causal:  # query i (absolute P + i) sees keys 0 .. P + i
+                        p = past[0].shape[2]
+                        if n > 1:
+                            if mask is not None:
+                                raise ValueError("a padding mask with cached keys/values is not supported")
+                            mask = torch.ones(n, p + n, dtype=torch.bool, device=x.device).tril(p)[None, None]
+                        causal = False
+                cache.put(self, k, v)
         out = attention(q, k, v, causal=causal, mask=mask, backend=self.backend)  # [B, H, N, Dh]
         return self.proj(out.transpose(1, 2).reshape(b, n, d))  # [B, N, D]
 
@@ -108,10 +149,11 @@ class TransformerBlock(nn.Module):
         mask: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal=causal, mask=mask)  # [B, N, D]
-        if self.cross_attn is not None and context is not None:
-            x = x + self.cross_attn(self.ln_cross(x), context, mask=context_mask)
+        x = x + self.attn(self.ln_1(x), causal=causal, mask=mask, cache=cache)  # [B, N, D]
+        if self.cross_attn is not None and context is not None:  # no context: text-only, cross-attention skipped
+            x = x + self.cross_attn(self.ln_cross(x), context, mask=context_mask, cache=cache)
         return x + self.mlp(self.ln_2(x))
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import LayerNorm, Transformer
+from .blocks import KVCache, LayerNorm, Transformer
 from .config import TextEncoderConfig
 
 
@@ -26,6 +26,17 @@ class TextEncoder(nn.Module):
         nn.init.normal_(self.projection, std=config.width**-0.5)
         self.transformer.init_weights()
 
+    def token_states(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """tokens [B, N] at positions start .. start + N - 1 -> states [B, N, W] (after ln_final).
+
+        With a ``cache`` holding positions 0 .. start - 1, only the new positions are computed
+        (the language head's incremental generation); the states equal the uncached ones.
+        """
+        if start + tokens.shape[1] > self.config.context_length:
+            raise ValueError(f"text of {start + tokens.shape[1]} tokens exceeds context_length {self.config.context_length}")
+        x = self.token_embedding(tokens) + self.positional_embedding[start : start + tokens.shape[1]]  # [B, N, W]
+        return self.ln_final(self.transformer(x, causal=True, cache=cache))  # [B, N, W]
+
     def forward(self, tokens: torch.Tensor, trim: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, L] (L <= context_length) -> (states [B, L, W], pooled [B, E]).
 
@@ -42,7 +53,6 @@ class TextEncoder(nn.Module):
         eot = tokens.argmax(dim=-1)  # [B]
         if self.config.trim_padding if trim is None else trim:
             tokens = tokens[:, : int(eot.max()) + 1]
-        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]  # [B, L, W]
-        x = self.ln_final(self.transformer(x, causal=True))  # [B, L, W]
+        x = self.token_states(tokens)  # [B, L, W]
         pooled = x[torch.arange(x.shape[0], device=x.device), eot]  # [B, W]
         return x, pooled @ self.projection.to(pooled.dtype)  # [B, L, W], [B, E]

@@ -1,5 +1,6 @@
 """The ``multimodal`` command. Training subcommands go to LightningCLI (imported lazily, so
-the modeling packages never import Lightning); ``export`` and ``generate`` are plain argparse."""
+the modeling packages never import Lightning); ``export``, ``generate`` and ``caption`` are
+plain argparse."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 from pathlib import Path
 
 TRAIN_COMMANDS = ("fit", "validate", "test", "predict")
-USAGE = """usage: multimodal {fit,validate,test,predict,export,generate} ...
+USAGE = """usage: multimodal {fit,validate,test,predict,export,generate,caption} ...
 
   fit        train (LightningCLI: --config assets/configs/align.yaml; --print_config shows every option)
   validate   evaluate a checkpoint on the validation split (--ckpt_path)
@@ -16,6 +17,7 @@ USAGE = """usage: multimodal {fit,validate,test,predict,export,generate} ...
   predict    run prediction (--ckpt_path)
   export     Lightning checkpoint -> save_pretrained folder (decoder/ also in diffusers' format)
   generate   text -> image(s) with a saved model
+  caption    image(s) -> caption(s) with a saved model (greedy, --num-beams, --sample)
 """
 
 
@@ -60,6 +62,24 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _caption(args: argparse.Namespace) -> int:
+    import torch
+
+    from .pipeline import FoundationPipeline
+
+    for image in args.images:
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"image not found: {image}")
+    pipe = FoundationPipeline.from_pretrained(args.model)
+    captions = pipe.caption(
+        args.images, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.sample,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=torch.Generator().manual_seed(args.seed),
+    )
+    for image, caption in zip(args.images, captions):
+        print(f"{image}\t{caption}" if len(args.images) > 1 else caption)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multimodal")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +96,16 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--scheduler", default="ddim")
     gen.add_argument("--num-images", type=int, default=1)
+    cap = sub.add_parser("caption", help="image(s) -> caption(s)")
+    cap.add_argument("images", nargs="+", help="image file(s)")
+    cap.add_argument("--model", required=True, help="a save_pretrained folder")
+    cap.add_argument("--max-new-tokens", type=int, default=16)
+    cap.add_argument("--num-beams", type=int, default=1)
+    cap.add_argument("--sample", action="store_true", help="sample instead of greedy / beam search")
+    cap.add_argument("--temperature", type=float, default=1.0)
+    cap.add_argument("--top-k", type=int, default=None)
+    cap.add_argument("--top-p", type=float, default=1.0)
+    cap.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -90,11 +120,12 @@ def main(argv: list[str] | None = None) -> int:
 
             run_cli(argv)
             return 0
-        if argv[0] not in ("export", "generate"):
+        commands = {"export": _export, "generate": _generate, "caption": _caption}
+        if argv[0] not in commands:
             print(f"multimodal: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
             return 2
         args = _parser().parse_args(argv)
-        return _export(args) if args.command == "export" else _generate(args)
+        return commands[args.command](args)
     except (ValueError, FileNotFoundError) as err:
         print(f"multimodal {argv[0]}: error: {err}", file=sys.stderr)
         return 2

@@ -12,13 +12,17 @@ from typing import Any
 from diffusion.config import DecoderConfig
 from encoders.config import EncoderConfig, config_from_dict, merge_dicts
 
+from .language import LanguageHeadConfig
+
 
 @dataclass
 class FoundationConfig(EncoderConfig):
     """The whole model. Encoder fields come from ``EncoderConfig``; heads are added beside them
-    (``decoder: None`` means a model without a diffusion decoder)."""
+    (``decoder: None`` means a model without a diffusion decoder, ``language: None`` one
+    without a language head)."""
 
     decoder: DecoderConfig | None = None
+    language: LanguageHeadConfig | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FoundationConfig":
@@ -49,6 +53,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "text": {"context_length": 16, "width": 32, "layers": 1, "heads": 2},
         "image": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2, "mean": _HALF, "std": _HALF},
         "decoder": {"block_out_channels": (32, 32), "attention_head_dim": 16, "norm_num_groups": 8},
+        "language": {"layers": 1, "heads": 2},
     },
     "shapes": {
         "embed_dim": 128,
@@ -58,10 +63,12 @@ PRESETS: dict[str, dict[str, Any]] = {
             "block_out_channels": (32, 64), "attention_head_dim": 32,
             "beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction", "min_snr_gamma": 5.0,
         },
+        "language": {"layers": 2, "heads": 4},
     },
     "base": {  # ViT-B/16 image tower, CLIP text tower
         "embed_dim": 512,
         "text": {"context_length": 77, "width": 512, "layers": 12, "heads": 8},
         "image": {"image_size": 224, "patch_size": 16, "width": 768, "layers": 12, "heads": 12},
+        "language": {"layers": 12, "heads": 8},  # CoCa-Base's multimodal text decoder
     },
 }

@@ -10,11 +10,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diffusion.decoder import Decoder
+from diffusion.decoder import Decoder, TextCondition
+from encoders.blocks import KVCache
 from encoders.dual import DualEncoder
 from encoders.tokenizer import Tokenizer
 
 from .config import FoundationConfig
+from .language import LanguageHead
 
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, DECODER_DIR = "config.json", "model.safetensors", "README.md", "decoder"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -26,7 +28,12 @@ class FoundationModel(nn.Module):
         self.config = config
         self.encoders = DualEncoder(config)
         self.decoder = (
-            Decoder(config.decoder, config.text.width, config.attention_backend) if config.decoder is not None else None
+            Decoder(config.decoder, config.text.width, config.embed_dim, config.attention_backend) if config.decoder is not None else None
+        )
+        self.language = (
+            LanguageHead(config.language, config.text.width, config.image.width, config.attention_backend)
+            if config.language is not None
+            else None
         )
         self.tokenizer = Tokenizer(config.text.context_length)
         self.register_buffer("pixel_mean", torch.tensor(config.image.mean).view(1, -1, 1, 1), persistent=False)
@@ -44,11 +51,39 @@ class FoundationModel(nn.Module):
         tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
         return self.encoders.encode_text(tokens, normalize=normalize)
 
-    def text_states(self, texts: str | list[str] | torch.Tensor) -> torch.Tensor:
-        """Full-length token states [B, context_length, W]: what the decoder cross-attends to
-        (full length, so conditional and empty-prompt states always line up)."""
+    def text_condition(self, texts: str | list[str] | torch.Tensor) -> TextCondition:
+        """What the decoder is conditioned on: full-length token states [B, context_length, W]
+        (full length, so conditional and empty-prompt states always line up) and unit text
+        embeddings [B, E] — from one pass of the shared text encoder."""
         tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
-        return self.encoders.text(tokens, trim=False)[0]
+        states, pooled = self.encoders.text(tokens, trim=False)
+        return TextCondition(states, torch.nn.functional.normalize(pooled, dim=-1))
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0, 1], [B, C, S, S] -> the image encoder's token states [B, 1 + N, Wi]
+        (what the language head cross-attends to)."""
+        self.encoders.image.check_images(images)
+        return self.encoders.image(self.normalize_pixels(images))[0]
+
+    def language_logits(
+        self,
+        tokens: torch.Tensor,
+        image_states: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Next-token logits [B, N, V] (``last_only``: [B, V]) for tokens [B, N] at positions
+        start .. start + N - 1: shared text encoder, then the language head (cross-attending to
+        ``image_states`` when given), then the tied token embedding."""
+        if self.language is None:
+            raise ValueError("this model has no language head (config.language is None)")
+        hidden = self.language(self.encoders.text.token_states(tokens, cache, start), image_states, cache)  # [B, N, W]
+        return self.lm_logits(hidden[:, -1] if last_only else hidden)
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Language-head states [..., W] -> logits [..., V] through the tied token embedding."""
+        return hidden @ self.encoders.text.token_embedding.weight.to(hidden.dtype).t()
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Pixels in [0, 1], [B, C, S, S] -> embeddings [B, E] in the shared space."""
@@ -86,7 +121,16 @@ class FoundationModel(nn.Module):
             extra = f" (found {found}; pickle files are never loaded)" if found else ""
             raise ValueError(f"{directory} has no {WEIGHTS_NAME}{extra}")
         model = cls(FoundationConfig.load(directory / CONFIG_NAME))
-        model.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(map_location)), strict=True)
+        state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
+        missing = sorted(set(model.state_dict()) - set(state))
+        unexpected = sorted(set(state) - set(model.state_dict()))
+        if missing or unexpected:
+            show = lambda names: ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")  # noqa: E731
+            raise ValueError(
+                f"{directory}: {WEIGHTS_NAME} does not match {CONFIG_NAME} (missing: {show(missing) or 'none'}; "
+                f"unexpected: {show(unexpected) or 'none'})"
+            )
+        model.load_state_dict(state, strict=True)
         return model.eval()
 
     @classmethod

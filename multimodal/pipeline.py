@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ from PIL import Image
 from diffusion.sampling import sample
 from diffusion.schedule import sampling_scheduler
 
+from .language import GenerationArgs, generate_tokens
 from .model import FoundationModel
 
 ImageInput = Union[Image.Image, np.ndarray, torch.Tensor, str, Path]
@@ -89,8 +90,8 @@ class FoundationPipeline:
         else:
             generators = [generator] * n
         repeat = lambda items: [x for x in items for _ in range(num_images_per_prompt)]  # noqa: E731
-        cond = self.model.text_states(repeat(prompts))
-        uncond = self.model.text_states(repeat(negatives))
+        cond = self.model.text_condition(repeat(prompts))
+        uncond = self.model.text_condition(repeat(negatives))
         images = sample(
             decoder, sampling_scheduler(scheduler or self.scheduler, decoder.config), cond, uncond, generators,
             num_inference_steps, guidance_scale, show_progress, callback_on_step_end,
@@ -177,6 +178,92 @@ class FoundationPipeline:
         classes = zero_shot_weights(self.model, [[t.format(label) for t in templates] for label in labels])
         logits = self.model.encoders.logit_scale.exp() * self.embed_image(images) @ classes.T
         return logits.softmax(dim=-1)
+
+    # ---- language head ---------------------------------------------------------------------
+    def _language(self) -> FoundationModel:
+        if self.model.language is None:
+            raise ValueError("this model has no language head (config.language is None)")
+        return self.model
+
+    def _generate(
+        self, prompts: list[list[int]], image_states: torch.Tensor | None, args: GenerationArgs,
+        generator: torch.Generator | None,
+    ) -> list[str]:
+        model, tok = self._language(), self.model.tokenizer
+
+        def step_logits(tokens, start, cache, rows):
+            context = image_states[rows] if image_states is not None else None
+            return model.language_logits(tokens, context, cache, start, last_only=True)
+
+        new = generate_tokens(
+            step_logits, prompts, args, tok.eot_token_id, self.model.config.text.context_length, generator, self.device
+        )
+        return [tok.decode(t) for t in new]
+
+    @torch.no_grad()
+    def caption(
+        self, images: ImageInput | Sequence[ImageInput], generator: torch.Generator | None = None, **options: Any
+    ) -> list[str]:
+        """One caption per image. ``options`` are ``GenerationArgs`` fields: greedy by default
+        (``max_new_tokens=16``), beam search with ``num_beams > 1``, sampling with
+        ``do_sample=True`` and ``temperature`` / ``top_k`` / ``top_p`` (seeded by ``generator``),
+        ``min_new_tokens``, ``use_cache=False`` for the reference path without the KV cache."""
+        args = GenerationArgs(**options)
+        args.validate()
+        self._language()
+        states = self.model.image_tokens(self._pixels(images))  # [B, 1 + N, Wi]
+        return self._generate([[self.model.tokenizer.sot_token_id]] * states.shape[0], states, args, generator)
+
+    @torch.no_grad()
+    def complete(
+        self,
+        texts: str | Sequence[str],
+        images: ImageInput | Sequence[ImageInput] | None = None,
+        generator: torch.Generator | None = None,
+        **options: Any,
+    ) -> list[str]:
+        """Each text continued (returned whole: prompt + continuation); text-only, or about
+        ``images`` (one per text) when given. ``options`` as for ``caption``."""
+        args = GenerationArgs(**options)
+        args.validate()
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise ValueError("texts must not be empty (pass images to caption() for image-only input)")
+        self._language()
+        states = None
+        if images is not None:
+            states = self.model.image_tokens(self._pixels(images))
+            if states.shape[0] != len(texts):
+                raise ValueError(f"images: need one image per text ({len(texts)}), got {states.shape[0]}")
+        prompts = [self._prompt_ids(t) for t in texts]
+        new = self._generate(prompts, states, args, generator)
+        return [f"{t} {n}".strip() if n else t for t, n in zip(texts, new)]
+
+    def _prompt_ids(self, text: str) -> list[int]:
+        """Start-of-text + the text's tokens, without end-of-text (so it can go on)."""
+        ids = self.model.tokenizer([text])[0].tolist()
+        return ids[: ids.index(self.model.tokenizer.eot_token_id)]
+
+    @torch.no_grad()
+    def score(self, image: ImageInput | None, texts: str | Sequence[str]) -> torch.Tensor:
+        """Log-likelihood [T] of each text (its tokens and end-of-text) given ``image``, or
+        text-only with ``image=None``. argmax over class prompts is a second zero-shot
+        classifier, next to ``classify``."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise ValueError("texts must not be empty")
+        model = self._language()
+        tokens = model.tokenize(texts)  # [T, L]
+        states = None
+        if image is not None:
+            states = model.image_tokens(self._pixels(image))
+            if states.shape[0] != 1:
+                raise ValueError(f"image: score takes one image, got {states.shape[0]}")
+            states = states.expand(len(texts), -1, -1)
+        logp = model.language_logits(tokens[:, :-1], states).float().log_softmax(-1)  # [T, L-1, V]
+        target = tokens[:, 1:]
+        token_logp = logp.gather(-1, target[..., None]).squeeze(-1)  # [T, L-1]
+        return (token_logp * (target != 0)).sum(-1)
 
     @torch.no_grad()
     def retrieve(self, query: str, images: Sequence[ImageInput], top_k: int = 5) -> list[tuple[int, float]]:

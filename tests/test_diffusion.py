@@ -1,8 +1,11 @@
+import dataclasses
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from diffusion.decoder import Decoder
 from diffusion.processor import CoreAttnProcessor
 from diffusion.schedule import diffusion_loss, train_scheduler
 from encoders.attention import attention_backend
@@ -12,7 +15,12 @@ from multimodal import FoundationPipeline
 def _inputs(model, batch=2):
     dec = model.decoder
     size, ch = dec.config.image_size, dec.config.channels
-    return torch.randn(batch, ch, size, size), torch.tensor([10, 700])[:batch], model.text_states(["a red circle", "a blue square"][:batch])
+    return torch.randn(batch, ch, size, size), torch.tensor([10, 700])[:batch], model.text_condition(["a red circle", "a blue square"][:batch])
+
+
+def _diffusers_call(unet, sample, t, cond):
+    """The exported UNet called the way the model card says: class_labels = sqrt(E) * unit text embedding."""
+    return unet(sample, t, encoder_hidden_states=cond.states, class_labels=cond.embeds * cond.embeds.shape[-1] ** 0.5).sample
 
 
 def test_every_attention_uses_the_core_processor_and_matches_diffusers(tiny_model):
@@ -20,13 +28,13 @@ def test_every_attention_uses_the_core_processor_and_matches_diffusers(tiny_mode
     processors = unet.attn_processors
     assert processors and all(isinstance(p, CoreAttnProcessor) for p in processors.values())
     assert any("attn2" in name for name in processors)  # cross-attention to the text states is there
-    sample, t, states = _inputs(tiny_model)
+    sample, t, cond = _inputs(tiny_model)
     with torch.no_grad():
-        ours = tiny_model.decoder(sample, t, states)
+        ours = tiny_model.decoder(sample, t, cond)
         with attention_backend("math"):
-            ours_math = tiny_model.decoder(sample, t, states)
+            ours_math = tiny_model.decoder(sample, t, cond)
         unet.set_attn_processor(AttnProcessor2_0())
-        reference = unet(sample, t, encoder_hidden_states=states).sample
+        reference = _diffusers_call(unet, sample, t, cond)
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours_math, reference, atol=1e-5, rtol=0)
 
@@ -34,9 +42,27 @@ def test_every_attention_uses_the_core_processor_and_matches_diffusers(tiny_mode
 def test_exported_decoder_loads_in_diffusers(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path / "model")
     unet = UNet2DConditionModel.from_pretrained(str(tmp_path / "model" / "decoder")).eval()
-    sample, t, states = _inputs(tiny_model)
+    sample, t, cond = _inputs(tiny_model)
     with torch.no_grad():
-        torch.testing.assert_close(unet(sample, t, encoder_hidden_states=states).sample, tiny_model.decoder(sample, t, states), atol=1e-5, rtol=0)
+        torch.testing.assert_close(_diffusers_call(unet, sample, t, cond), tiny_model.decoder(sample, t, cond), atol=1e-5, rtol=0)
+
+
+def test_text_embedding_conditions_the_decoder(tiny_model):
+    """The pooled text embedding reaches the UNet (through its class embedding), and the
+    option can be switched off (cross-attention only, as in the plain diffusers UNet)."""
+    assert tiny_model.decoder.unet.config.class_embed_type == "projection"
+    sample, t, cond = _inputs(tiny_model)
+    with torch.no_grad():
+        base = tiny_model.decoder(sample, t, cond)
+        other = tiny_model.decoder(sample, t, cond._replace(embeds=cond.embeds.flip(0)))
+    assert not torch.allclose(base, other)
+    cfg = dataclasses.replace(tiny_model.config.decoder, text_embed_conditioning=False)
+    plain = Decoder(cfg, tiny_model.config.text.width)
+    assert plain.unet.config.class_embed_type is None
+    with torch.no_grad():
+        torch.testing.assert_close(plain(sample, t, cond), plain(sample, t, cond._replace(embeds=cond.embeds.flip(0))))
+    with pytest.raises(ValueError, match="text_embed_dim"):
+        Decoder(tiny_model.config.decoder, tiny_model.config.text.width)
 
 
 def _gens(*seeds):
@@ -91,12 +117,13 @@ def test_diffusion_loss_trains(tiny_model, prediction_type, gamma):
     cfg.prediction_type = prediction_type
     sched = train_scheduler(cfg)
     images = torch.rand(8, 3, 32, 32) * 2 - 1
-    states = tiny_model.text_states(["a red circle"] * 8).detach()
+    cond = tiny_model.text_condition(["a red circle"] * 8)
+    cond = cond._replace(states=cond.states.detach(), embeds=cond.embeds.detach())
     opt = torch.optim.Adam(tiny_model.decoder.parameters(), lr=3e-3)
     losses = []
     for step in range(30):
         torch.manual_seed(step % 3)
-        loss = diffusion_loss(tiny_model.decoder, sched, images, states, gamma)
+        loss = diffusion_loss(tiny_model.decoder, sched, images, cond, gamma)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -68,4 +68,4 @@ def test_joint_stage_trains_both_losses_through_one_text_pass(tmp_path):
     assert main(["fit", "--config", str(cfg)]) == 0
     header, *rows = (tmp_path / "runs/joint/version_0/metrics.csv").read_text().splitlines()
     logged = {k for row in rows for k, v in zip(header.split(","), row.split(",")) if v}
-    assert {"train/contrastive", "train/diffusion", "val/zero_shot_acc", "val/gen_cs_heldout"} <= logged
+    assert {"train/contrastive", "train/diffusion", "train/caption", "val/zero_shot_acc", "val/gen_cs_heldout", "val/caption_acc"} <= logged

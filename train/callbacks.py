@@ -71,8 +71,12 @@ class AlignmentReport(Callback):
         was_training = pl_module.training
         pl_module.eval()
         feats = collect_features(trainer, pl_module, dm.val_dataloader())
-        metrics = pl_module.evaluate_features(feats)
-        metrics.update(pl_module.generation_fidelity())
+        last = getattr(pl_module, "last_eval", None)
+        if last is not None and last[0] == trainer.global_step:  # validated with these very weights
+            metrics = dict(last[1])
+        else:
+            metrics = pl_module.evaluate_features(feats)
+            metrics.update(pl_module.generation_fidelity())
         out_dir = Path(trainer.log_dir or ".")
         out_dir.mkdir(parents=True, exist_ok=True)
         metrics["global_step"] = trainer.global_step

@@ -16,6 +16,7 @@ from diffusers.training_utils import EMAModel
 from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import load_file
 
+from diffusion.decoder import TextCondition
 from diffusion.schedule import diffusion_loss, train_scheduler
 from multimodal.config import FoundationConfig
 from multimodal.model import WEIGHTS_NAME, FoundationModel
@@ -25,12 +26,15 @@ from . import shapes
 from .metrics import retrieval_recall, zero_shot_accuracy
 
 _NO_DECAY_NAMES = ("embedding", "logit_scale")
-COMPONENTS = ("text", "image", "decoder")
+COMPONENTS = ("text", "image", "decoder", "language")
+LOSSES = ("contrastive", "diffusion", "caption")
 # Stage presets: which losses are on and which components are frozen.
 STAGES: dict[str, dict[str, Any]] = {
-    "align": {"loss_weights": {"contrastive": 1.0, "diffusion": 0.0}, "freeze": ["decoder"]},
-    "decoder": {"loss_weights": {"contrastive": 0.0, "diffusion": 1.0}, "freeze": ["text", "image"]},
-    "joint": {"loss_weights": {"contrastive": 1.0, "diffusion": 1.0}, "freeze": []},
+    "align": {"loss_weights": {"contrastive": 1.0, "diffusion": 0.0, "caption": 0.0}, "freeze": ["decoder", "language"]},
+    "decoder": {"loss_weights": {"contrastive": 0.0, "diffusion": 1.0, "caption": 0.0}, "freeze": ["text", "image", "language"]},
+    # CoCa: contrastive and captioning losses in the same step, on the same text encoder pass
+    "language": {"loss_weights": {"contrastive": 1.0, "diffusion": 0.0, "caption": 2.0}, "freeze": ["decoder"]},
+    "joint": {"loss_weights": {"contrastive": 1.0, "diffusion": 1.0, "caption": 2.0}, "freeze": []},
 }
 
 
@@ -60,9 +64,11 @@ class FoundationModule(L.LightningModule):
     """Args:
         preset: named model preset (``tiny``, ``shapes``, ``base``).
         overrides: nested config overrides applied on the preset, e.g. ``{text: {layers: 4}}``.
-        stage: ``align`` (contrastive), ``decoder`` (diffusion, encoders frozen) or ``joint``.
-        loss_weights / freeze: override the stage's loss weights (``contrastive``, ``diffusion``)
-            and frozen components (``text``, ``image``, ``decoder``).
+        stage: ``align`` (contrastive), ``decoder`` (diffusion, encoders frozen), ``language``
+            (contrastive + captioning, CoCa) or ``joint`` (all three).
+        loss_weights / freeze: override the stage's loss weights (``contrastive``, ``diffusion``,
+            ``caption``) and frozen components (``text``, ``image``, ``decoder``, ``language``).
+        caption_tokens: new-token budget of the validation captions (caption accuracy).
         init_from: a ``save_pretrained`` folder to start from (matching tensors are copied).
         fidelity_images / fidelity_steps / fidelity_scheduler / guidance_scale: generation
             fidelity at validation (fixed prompts and seeds, EMA decoder).
@@ -88,6 +94,7 @@ class FoundationModule(L.LightningModule):
         fidelity_steps: int = 25,
         fidelity_scheduler: str = "dpm++",
         guidance_scale: float = 3.0,
+        caption_tokens: int = 12,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -97,15 +104,18 @@ class FoundationModule(L.LightningModule):
         if init_from is not None:
             self.init_report = load_matching_weights(self.model, init_from)
         self.loss_weights = {**STAGES[stage]["loss_weights"], **(loss_weights or {})}
-        unknown = set(self.loss_weights) - {"contrastive", "diffusion"}
+        unknown = set(self.loss_weights) - set(LOSSES)
         if unknown:
-            raise ValueError(f"model.loss_weights has unknown loss(es) {sorted(unknown)}; known: contrastive, diffusion")
+            raise ValueError(f"model.loss_weights has unknown loss(es) {sorted(unknown)}; known: {', '.join(LOSSES)}")
         self.frozen = list(STAGES[stage]["freeze"] if freeze is None else freeze)
         if set(self.frozen) - set(COMPONENTS):
             raise ValueError(f"model.freeze entries must be among {COMPONENTS}, got {self.frozen}")
         self.use_diffusion = self.loss_weights["diffusion"] > 0
         if self.use_diffusion and self.model.decoder is None:
             raise ValueError("model.loss_weights.diffusion > 0 needs a model with a decoder (config.decoder)")
+        self.use_caption = self.loss_weights["caption"] > 0
+        if self.use_caption and self.model.language is None:
+            raise ValueError("model.loss_weights.caption > 0 needs a model with a language head (config.language)")
         for name in self.frozen:
             module = self._component(name)
             if module is not None:
@@ -117,9 +127,13 @@ class FoundationModule(L.LightningModule):
             if self.use_diffusion and "decoder" not in self.frozen else None
         )
         self._val_outputs: list[dict[str, torch.Tensor]] = []
+        self.last_eval: tuple[int, dict[str, float]] | None = None
 
     def _component(self, name: str) -> torch.nn.Module | None:
-        return {"text": self.model.encoders.text, "image": self.model.encoders.image, "decoder": self.model.decoder}[name]
+        return {
+            "text": self.model.encoders.text, "image": self.model.encoders.image,
+            "decoder": self.model.decoder, "language": self.model.language,
+        }[name]
 
     # ---- training ------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -149,25 +163,47 @@ class FoundationModule(L.LightningModule):
             # one pass of the shared text encoder feeds every loss (full length when the decoder needs states)
             text_states, text_pooled = enc.text(tokens, trim=False if self.use_diffusion else None)
         loss = torch.zeros((), device=self.device)
+        if w["contrastive"] > 0 or self.use_caption:
+            image_states, image_pooled = enc.image(self.model.normalize_pixels(batch["image"]))  # [B, 1+N, Wi], [B, E]
         if w["contrastive"] > 0:
-            image_features = torch.nn.functional.normalize(enc.image(self.model.normalize_pixels(batch["image"]))[1], dim=-1)
+            image_features = torch.nn.functional.normalize(image_pooled, dim=-1)
             scale = enc.logit_scale.exp()
             contrastive = self.clip_loss(image_features, torch.nn.functional.normalize(text_pooled, dim=-1), scale)
             loss = loss + w["contrastive"] * contrastive
             self.log("train/contrastive", contrastive, batch_size=bs)
             self.log("train/logit_scale", scale, batch_size=bs)
+        if self.use_caption:
+            caption = self.caption_loss(text_states, tokens[:, : text_states.shape[1]], image_states)
+            loss = loss + w["caption"] * caption
+            self.log("train/caption", caption, batch_size=bs)
         if self.use_diffusion:
             cfg = self.model.config.decoder
+            cond = TextCondition(text_states, torch.nn.functional.normalize(text_pooled, dim=-1))
             drop = torch.rand(bs, device=self.device) < cfg.cfg_dropout  # classifier-free guidance dropout
             if drop.any():
                 with torch.set_grad_enabled(text_grad and torch.is_grad_enabled()):
-                    empty = self.model.text_states([""])  # [1, L, W]: the unconditional embedding
-                text_states = torch.where(drop[:, None, None], empty.to(text_states.dtype), text_states)
-            denoise = diffusion_loss(self.model.decoder, self.noise_scheduler, batch["image"] * 2 - 1, text_states, cfg.min_snr_gamma)
+                    empty = self.model.text_condition([""])  # the unconditional embedding, batch 1
+                cond = cond.where(drop, empty)
+            denoise = diffusion_loss(self.model.decoder, self.noise_scheduler, batch["image"] * 2 - 1, cond, cfg.min_snr_gamma)
             loss = loss + w["diffusion"] * denoise
             self.log("train/diffusion", denoise, batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         return loss
+
+    def caption_loss(self, text_states: torch.Tensor, tokens: torch.Tensor, image_states: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy of the language head over the captions' real tokens
+        (padding ignored); a ``text_only_prob`` share of captions is read without its image."""
+        # text_states [B, L, W], tokens [B, L], image_states [B, M, Wi]
+        target = tokens[:, 1:]  # [B, L-1]: token i+1 is predicted at position i
+        with_image = torch.rand(tokens.shape[0], device=tokens.device) >= self.model.config.language.text_only_prob
+        logits, targets = [], []
+        for rows, context in ((with_image, image_states), (~with_image, None)):
+            if rows.any():
+                hidden = self.model.language(text_states[rows][:, :-1], context[rows] if context is not None else None)
+                real = target[rows] != 0
+                logits.append(self.model.lm_logits(hidden[real]))  # [T, V]: logits for real tokens only
+                targets.append(target[rows][real])
+        return torch.nn.functional.cross_entropy(torch.cat(logits).float(), torch.cat(targets))
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         # right after the update (before any callback, e.g. a checkpoint, sees this step)
@@ -229,10 +265,20 @@ class FoundationModule(L.LightningModule):
     # ---- evaluation ----------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self._encode(batch)
-        self._val_outputs.append({
+        record = {
             "image": out["image_features"].float(), "text": out["text_features"].float(),
             "label": batch["label"], "group": batch["group"],
-        })
+        }
+        if self.use_caption:
+            record["caption_label"] = self.caption_labels(batch["image"])
+        self._val_outputs.append(record)
+
+    @torch.no_grad()
+    def caption_labels(self, images: torch.Tensor) -> torch.Tensor:
+        """Greedy captions (KV cache) of images [B, C, S, S] in [0, 1], read with the shapes
+        vocabulary: the (color, shape) class each names, -1 if unreadable."""
+        captions = FoundationPipeline(self.model).caption(images, max_new_tokens=self.hparams.caption_tokens)
+        return torch.tensor([shapes.caption_label(c) for c in captions], device=self.device)
 
     test_step = validation_step
 
@@ -251,6 +297,7 @@ class FoundationModule(L.LightningModule):
         merged = {k: v.flatten(0, 1) if v.dim() > merged[k].dim() else v for k, v in gathered.items()}
         metrics = self.evaluate_features(merged)
         metrics.update(self.generation_fidelity())
+        self.last_eval = (self.global_step, metrics)  # the end-of-fit report reuses it at the same step
         self.log_dict({f"{prefix}/{k}": v for k, v in metrics.items()}, sync_dist=False, rank_zero_only=True)
 
     @torch.no_grad()
@@ -300,4 +347,9 @@ class FoundationModule(L.LightningModule):
         text = torch.zeros(int(groups.max()) + 1, feats["text"].shape[1], device=groups.device)
         text[groups] = feats["text"]  # every item of a group has the same caption, so the same embedding
         metrics.update(retrieval_recall(feats["image"], groups, text))
+        if self.use_caption and (feats["label"] >= 0).any():
+            if "caption_label" not in feats:
+                feats["caption_label"] = torch.cat([self.caption_labels(p.to(self.device)) for p in feats["pixels"].split(256)])
+            keep = feats["label"] >= 0
+            metrics["caption_acc"] = (feats["caption_label"][keep] == feats["label"][keep]).float().mean().item()
         return metrics

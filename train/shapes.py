@@ -209,6 +209,28 @@ def generation_prompts(n: int) -> list[tuple[str, ShapeSample, bool]]:
     return out
 
 
+def read_caption(text: str) -> dict[str, str | None]:
+    """The attributes a caption names, read with the dataset's vocabulary: for each of shape,
+    color, size and position the one word (or phrase) named, None if none or several are."""
+    words = " " + " ".join(text.lower().replace(",", " ").replace(".", " ").split()) + " "
+
+    def one(vocab) -> str | None:
+        found = [v for v in vocab if f" {v} " in words]
+        found = [v for v in found if not any(v != o and v in o for o in found)]  # "left" vs "top left"
+        return found[0] if len(found) == 1 else None
+
+    return {"shape": one(SHAPES), "color": one(COLOR_NAMES), "size": one(SIZES), "position": one(POSITIONS)}
+
+
+def caption_label(text: str) -> int:
+    """The (color, shape) class index a caption names (``ShapeSample.label``), -1 if it does
+    not name exactly one color and one shape."""
+    read = read_caption(text)
+    if read["color"] is None or read["shape"] is None:
+        return -1
+    return COLOR_NAMES.index(read["color"]) * len(SHAPES) + SHAPES.index(read["shape"])
+
+
 def fidelity(images: list[Image.Image] | np.ndarray, truths: list[ShapeSample]) -> dict[str, list[bool]]:
     """Per image: does the analyzer find the prompt's color+shape (``cs``) and all four
     attributes (``full``)?"""
