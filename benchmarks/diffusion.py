@@ -1,8 +1,9 @@
 """The diffusion decoder against bare diffusers, side by side in one process:
 
 1. training step (noise, forward, MSE, backward, AdamW): our ``Decoder`` (core attention
-   processor, channels-last) vs a bare ``diffusers.UNet2DConditionModel`` of the same config
-   and weights (its default processor and memory format);
+   processor, memory format from ``DecoderConfig.channels_last``) vs a bare
+   ``diffusers.UNet2DConditionModel`` of the same config and weights (its default processor
+   and memory format);
 2. sampling: our ``FoundationPipeline.__call__`` (CFG, DPM-Solver++) vs a plain diffusers-style
    denoising loop over the bare UNet with the same scheduler, prompts and step count.
 
