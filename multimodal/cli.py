@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         args = _parser().parse_args(argv)
         return commands[args.command](args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
         print(f"multimodal {argv[0]}: error: {err}", file=sys.stderr)
         return 2
 

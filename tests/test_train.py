@@ -98,3 +98,37 @@ def test_wrong_image_size_is_named(tiny_model):
         tiny_model.encode_image(torch.rand(2, 3, 64, 64))
     with pytest.raises(ValueError, match="image_size"):
         tiny_model.encoders.encode_image(torch.rand(2, 3, 16, 16))
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_nonfinite_loss_stops_with_checkpoint_or_skips(tmp_path, monkeypatch, capsys, mode):
+    from open_clip.loss import ClipLoss
+
+    from multimodal.cli import main
+
+    calls = {"n": 0}
+    forward = ClipLoss.forward
+
+    def nan_on_fourth_call(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = forward(self, *args, **kwargs)
+        return loss * float("nan") if calls["n"] == 4 else loss  # the loss of step 3 (steps count from 0)
+
+    monkeypatch.setattr(ClipLoss, "forward", nan_on_fourth_call)
+    cfg = tiny_config(tmp_path, every_n=2, max_steps=6, val_check_interval=1000)
+    code = main(["fit", "--config", str(cfg), "--model.on_nonfinite", mode])
+    folder = tmp_path / "runs/align/checkpoints"
+    if mode == "stop":
+        err = capsys.readouterr().err
+        assert code == 2 and "non-finite loss (nan) at step 3" in err
+        saved = torch.load(folder / "nonfinite-step=3.ckpt", map_location="cpu", weights_only=True)
+        last = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=True)
+        assert saved["global_step"] == 3 and last["global_step"] == 2  # the last good checkpoint is intact
+        for ckpt in (saved, last):
+            assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    else:
+        assert code == 0
+        last = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=True)
+        assert last["global_step"] == 6  # the run went on to max_steps
+        assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+        assert "train/skipped_steps" in (tmp_path / "runs/align/version_0/metrics.csv").read_text()

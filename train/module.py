@@ -69,6 +69,8 @@ class FoundationModule(L.LightningModule):
         loss_weights / freeze: override the stage's loss weights (``contrastive``, ``diffusion``,
             ``caption``) and frozen components (``text``, ``image``, ``decoder``, ``language``).
         caption_tokens: new-token budget of the validation captions (caption accuracy).
+        on_nonfinite: a NaN/inf loss ``stop``s the run (after saving a checkpoint of the last
+            good weights) or ``skip``s that step.
         init_from: a ``save_pretrained`` folder to start from (matching tensors are copied).
         fidelity_images / fidelity_steps / fidelity_scheduler / guidance_scale: generation
             fidelity at validation (fixed prompts and seeds, EMA decoder).
@@ -95,11 +97,15 @@ class FoundationModule(L.LightningModule):
         fidelity_scheduler: str = "dpm++",
         guidance_scale: float = 3.0,
         caption_tokens: int = 12,
+        on_nonfinite: str = "stop",
     ):
         super().__init__()
         self.save_hyperparameters()
         if stage not in STAGES:
             raise ValueError(f"model.stage must be one of {sorted(STAGES)}, got {stage!r}")
+        if on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"model.on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+        self.skipped_steps = 0
         self.model = FoundationModel(FoundationConfig.from_preset(preset, overrides))
         if init_from is not None:
             self.init_report = load_matching_weights(self.model, init_from)
@@ -187,8 +193,29 @@ class FoundationModule(L.LightningModule):
             denoise = diffusion_loss(self.model.decoder, self.noise_scheduler, batch["image"] * 2 - 1, cond, cfg.min_snr_gamma)
             loss = loss + w["diffusion"] * denoise
             self.log("train/diffusion", denoise, batch_size=bs)
+        if not torch.isfinite(loss):
+            return self._non_finite(loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         return loss
+
+    def _non_finite(self, loss: torch.Tensor) -> None:
+        """A NaN/inf loss: skip the step (``on_nonfinite: skip``, counted in
+        ``train/skipped_steps``) or save a checkpoint of the still-good weights and stop
+        (``stop``). Returning None makes Lightning skip the optimizer step."""
+        step = self.global_step
+        if self.hparams.on_nonfinite == "skip":
+            self.skipped_steps += 1
+            rank_zero_info(f"non-finite loss ({loss.item()}) at step {step}: step skipped ({self.skipped_steps} so far)")
+            self.log("train/skipped_steps", float(self.skipped_steps))
+            return None
+        ckpt = self.trainer.checkpoint_callback
+        folder = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(self.trainer.default_root_dir)
+        path = folder / f"nonfinite-step={step}.ckpt"
+        self.trainer.save_checkpoint(path)  # the weights are still those of the last good step
+        raise FloatingPointError(
+            f"non-finite loss ({loss.item()}) at step {step}; stopped. The weights before this step are in {path}; "
+            f"resume with --ckpt_path {path} (e.g. with a lower --model.lr), or set --model.on_nonfinite skip"
+        )
 
     def caption_loss(self, text_states: torch.Tensor, tokens: torch.Tensor, image_states: torch.Tensor) -> torch.Tensor:
         """Next-token cross-entropy of the language head over the captions' real tokens
