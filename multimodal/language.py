@@ -70,7 +70,7 @@ class GenerationArgs:
     length_penalty: float = 1.0
     use_cache: bool = True
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:  # checked once, where the options are given
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
@@ -122,7 +122,6 @@ def generate_tokens(
     rows still inside their prompt are forced to their next prompt token, so a batch gives the
     same tokens as one call per prompt.
     """
-    args.validate()
     if not prompts or any(len(p) < 1 for p in prompts):
         raise ValueError("each prompt needs at least the start-of-text token")
     lengths = [len(p) for p in prompts]
@@ -145,8 +144,7 @@ def generate_tokens(
     while cur < total:
         logp = F.log_softmax(logits.float() / args.temperature, dim=-1)  # [R, V]
         if args.min_new_tokens:
-            early = (cur - plen < args.min_new_tokens)[:, None] & (torch.arange(logp.shape[-1], device=logp.device) == eot_token_id)
-            logp = logp.masked_fill(early, float("-inf"))
+            logp[cur - plen < args.min_new_tokens, eot_token_id] = float("-inf")  # too early to end
         forced = cur < plen  # rows still reading their prompt
         if forced.any():
             forced_logp = torch.full_like(logp, float("-inf")).scatter(1, seq[:, cur : cur + 1], 0.0)
@@ -172,7 +170,7 @@ def generate_tokens(
         else:
             logits = step_logits(seq[:, :cur], 0, None, rows)
     if k > 1:
-        return _best_beams(seq, scores, done_beams, plen, cur, k, eot_token_id, args)
+        return _best_beams(seq, scores, done_beams, plen, cur, k, args)
     out = []
     for i in range(b):
         new = seq[i, lengths[i] : cur].tolist()
@@ -228,7 +226,7 @@ def _beam_step(seq, logp, scores, finished, forced, cur, plen, done_beams, eot, 
     return new_seq, finished, new_scores, order
 
 
-def _best_beams(seq, scores, done_beams, plen, cur, k, eot, args) -> list[list[int]]:
+def _best_beams(seq, scores, done_beams, plen, cur, k, args) -> list[list[int]]:
     out = []
     for i, done in enumerate(done_beams):
         if not done:  # nothing ended: the best live beam

@@ -121,6 +121,9 @@ class FoundationPipeline:
 
     def _pixels(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
         """Any supported image input(s) -> float [B, 3, S, S] in [0, 1] at the model's size."""
+        size = self.model.config.image.image_size
+        if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] and tuple(images.shape[1:]) == (3, size, size):
+            return images.detach().float().clamp(0, 1).to(self.device)  # already a batch at the model's size
         if isinstance(images, torch.Tensor) and images.dim() == 4:
             items = list(images)
         elif isinstance(images, (list, tuple)):
@@ -129,7 +132,6 @@ class FoundationPipeline:
             items = [images]
         if not items:
             raise ValueError("images must not be empty")
-        size = self.model.config.image.image_size
         out = []
         for item in items:
             if isinstance(item, (str, Path)):
@@ -209,7 +211,6 @@ class FoundationPipeline:
         ``do_sample=True`` and ``temperature`` / ``top_k`` / ``top_p`` (seeded by ``generator``),
         ``min_new_tokens``, ``use_cache=False`` for the reference path without the KV cache."""
         args = GenerationArgs(**options)
-        args.validate()
         self._language()
         states = self.model.image_tokens(self._pixels(images))  # [B, 1 + N, Wi]
         return self._generate([[self.model.tokenizer.sot_token_id]] * states.shape[0], states, args, generator)
@@ -225,7 +226,6 @@ class FoundationPipeline:
         """Each text continued (returned whole: prompt + continuation); text-only, or about
         ``images`` (one per text) when given. ``options`` as for ``caption``."""
         args = GenerationArgs(**options)
-        args.validate()
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise ValueError("texts must not be empty (pass images to caption() for image-only input)")
