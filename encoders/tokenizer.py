@@ -25,6 +25,11 @@ class Tokenizer:
             raise ValueError("texts must be a string or a list of strings")
         return self._bpe(list(texts), context_length=self.context_length)
 
+    def overflows(self, texts: list[str]) -> list[bool]:
+        """Which texts are longer than the context (and so get truncated by ``__call__``)."""
+        room = self.context_length - 2  # start- and end-of-text tokens
+        return [len(self._bpe.encode(t)) > room for t in texts]
+
     def decode(self, tokens: torch.Tensor | list[int]) -> str:
         ids = [int(t) for t in tokens if int(t) not in (0, self.sot_token_id, self.eot_token_id)]
         return self._bpe.decode(ids).strip()

@@ -4,17 +4,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
 
 from multimodal import FoundationPipeline
 from multimodal.cli import main
 
-from conftest import ALIGN, scaled_config
+from conftest import ALIGN, JOINT, scaled_config
 
 
 def tiny_config(tmp_path: Path, every_n: int = 2, **trainer) -> Path:
@@ -51,29 +51,53 @@ def _ckpt_step(path: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
 
 
-def test_resume_after_sigkill_continues_from_saved_step(tmp_path):
-    cfg = tiny_config(tmp_path, every_n=3, max_steps=100_000, val_check_interval=1000)
-    last = tmp_path / "runs/align/checkpoints/last.ckpt"
-    proc = subprocess.Popen([sys.executable, "-m", "multimodal.cli", "fit", "--config", str(cfg)], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and not (last.is_file() and _ckpt_step(last) >= 6):
-            time.sleep(0.5)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    saved = _ckpt_step(last)
-    assert saved >= 6
-    target = saved + 6  # a multiple of every_n_train_steps, so the end state is checkpointed too
-    done = _cli("fit", "--config", str(cfg), "--ckpt_path", "last", "--trainer.max_steps", str(target), cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "Restoring states from the checkpoint" in done.stderr + done.stdout
-    assert _ckpt_step(last) == target
-    resumed = (tmp_path / "runs/align/version_1/metrics.csv").read_text().splitlines()
-    step_col = resumed[0].split(",").index("step")
-    steps = [int(r.split(",")[step_col]) for r in resumed[1:] if r.split(",")[step_col]]
-    assert min(steps) >= saved and max(steps) <= target
+class KillAt(Callback):
+    """SIGKILLs its own process when training step ``step`` is about to start (the checkpoint of
+    the step before is on disk): a hard kill at a known point."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    """Joint stage (every loss, EMA, random noise/timesteps/dropout), fp32: 10 steps straight
+    vs. killed at step 5 (last checkpoint: step 4) and resumed with --ckpt_path last. Validation
+    at steps 3, 6 and 9 sits on both sides of the kill."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    model = {"fidelity_images": 4, "fidelity_steps": 2, "caption_tokens": 4}
+    finals = {}
+    for name in ("straight", "killed"):
+        run = tmp_path / name
+        run.mkdir()
+        cfg = scaled_config(run, JOINT, every_n=2, model=model, max_steps=10, val_check_interval=3, precision="32-true")
+        if name == "killed":
+            data = yaml.safe_load(cfg.read_text())
+            data["trainer"]["callbacks"].append({"class_path": "test_train.KillAt", "init_args": {"step": 5}})
+            killing = run / "kill.yaml"
+            killing.write_text(yaml.safe_dump(data))
+            proc = subprocess.run([sys.executable, "-m", "multimodal.cli", "fit", "--config", str(killing)],
+                                  cwd=run, capture_output=True, text=True, timeout=300, env=env)
+            assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+            assert _ckpt_step(run / "runs/joint/checkpoints/last.ckpt") == 4
+            done = _cli("fit", "--config", str(cfg), "--ckpt_path", "last", cwd=run)
+            assert "Restoring states from the checkpoint" in done.stderr + done.stdout
+        else:
+            done = _cli("fit", "--config", str(cfg), cwd=run)
+        assert done.returncode == 0, done.stderr[-3000:]
+        finals[name] = torch.load(run / "runs/joint/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    a, b = finals["straight"], finals["killed"]
+    assert a["global_step"] == b["global_step"] == 10
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    diff = max((a["state_dict"][k].float() - b["state_dict"][k].float()).abs().max().item() for k in a["state_dict"])
+    assert diff <= 1e-6, diff
+    ema_a, ema_b = a["decoder_ema"]["shadow_params"], b["decoder_ema"]["shadow_params"]
+    assert max((x - y).abs().max().item() for x, y in zip(ema_a, ema_b)) <= 1e-6
+    opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert max((opt_a[i]["exp_avg"] - opt_b[i]["exp_avg"]).abs().max().item() for i in opt_a) <= 1e-6
 
 
 def test_unknown_config_key_is_named(tmp_path):
@@ -132,3 +156,18 @@ def test_nonfinite_loss_stops_with_checkpoint_or_skips(tmp_path, monkeypatch, ca
         assert last["global_step"] == 6  # the run went on to max_steps
         assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
         assert "train/skipped_steps" in (tmp_path / "runs/align/version_0/metrics.csv").read_text()
+
+
+@pytest.mark.parametrize("name", ["gpu1", "gpu8", "multinode"])
+def test_gpu_configs_parse_and_their_model_config_is_valid(name, capsys):
+    from multimodal.config import FoundationConfig
+
+    path = ALIGN.parent / f"{name}.yaml"
+    with pytest.raises(SystemExit) as done:  # every key is checked against the classes' signatures
+        main(["fit", "--config", str(path), "--print_config"])
+    assert done.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["stage"] == "joint" and printed["data"]["source"] == "webdataset"
+    config = FoundationConfig.from_preset(printed["model"]["preset"], printed["model"]["overrides"])
+    assert config.decoder is not None and config.language is not None
+    assert printed["data"]["image_size"] == config.image.image_size

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
+from collections import Counter
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from open_clip.loss import ClipLoss
 
@@ -23,6 +26,7 @@ from multimodal.model import WEIGHTS_NAME, FoundationModel
 from multimodal.pipeline import FoundationPipeline, zero_shot_weights
 
 from . import shapes
+from .data import DROPPED, FIXED, SKIPPED
 from .metrics import retrieval_recall, zero_shot_accuracy
 
 _NO_DECAY_NAMES = ("embedding", "logit_scale")
@@ -75,6 +79,8 @@ class FoundationModule(L.LightningModule):
         fidelity_images / fidelity_steps / fidelity_scheduler / guidance_scale: generation
             fidelity at validation (fixed prompts and seeds, EMA decoder).
         lr, weight_decay, betas, eps: AdamW (no decay on norms, biases, embeddings, logit scale).
+        lr_multipliers: per-component learning-rate factors, e.g. ``{text: 0.1, decoder: 1.0}``
+            (components ``text``, ``image``, ``decoder``, ``language``; ``logit_scale`` too).
         warmup_steps, min_lr_ratio: linear warmup, then cosine decay to ``lr * min_lr_ratio``.
     """
 
@@ -86,6 +92,7 @@ class FoundationModule(L.LightningModule):
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.98),
         eps: float = 1e-6,
+        lr_multipliers: dict[str, float] | None = None,
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         stage: str = "align",
@@ -106,6 +113,11 @@ class FoundationModule(L.LightningModule):
         if on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"model.on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
         self.skipped_steps = 0
+        self.data_issues: Counter = Counter()  # this epoch's skipped / fixed samples, by kind
+        self.samples_seen = 0
+        unknown_groups = set(lr_multipliers or {}) - set(COMPONENTS) - {"logit_scale"}
+        if unknown_groups:
+            raise ValueError(f"model.lr_multipliers has unknown component(s) {sorted(unknown_groups)}; known: {', '.join(COMPONENTS)}, logit_scale")
         self.model = FoundationModel(FoundationConfig.from_preset(preset, overrides))
         if init_from is not None:
             self.init_report = load_matching_weights(self.model, init_from)
@@ -160,8 +172,21 @@ class FoundationModule(L.LightningModule):
         images = self.model.normalize_pixels(batch["image"])
         return self.model.encoders(images, self.model.tokenize(batch["caption"]))
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         w, bs = self.loss_weights, batch["image"].shape[0]
+        self.data_issues.update(batch.pop("data_issues", None) or {})
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1:
+            # skipped samples leave ranks with different batch sizes; feature gathering needs equal ones
+            smallest = torch.tensor(bs, device=self.device)
+            torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN)
+            if int(smallest) < bs:
+                self.data_issues["dropped_uneven_batch"] += bs - int(smallest)
+                bs = int(smallest)
+                batch = {k: v[:bs] for k, v in batch.items()}
+        if bs == 0:  # every sample of the batch was bad (counted above)
+            return None
+        self.samples_seen += bs
+        self.data_issues["truncated_caption"] += sum(self.model.tokenizer.overflows(batch["caption"]))
         enc = self.model.encoders
         tokens = self.model.tokenize(batch["caption"])
         text_grad = "text" not in self.frozen
@@ -176,7 +201,8 @@ class FoundationModule(L.LightningModule):
             scale = enc.logit_scale.exp()
             contrastive = self.clip_loss(image_features, torch.nn.functional.normalize(text_pooled, dim=-1), scale)
             loss = loss + w["contrastive"] * contrastive
-            self.log("train/contrastive", contrastive, batch_size=bs)
+            # mean of the ranks' local losses = the loss of the global batch
+            self.log("train/contrastive", contrastive, batch_size=bs, sync_dist=True)
             self.log("train/logit_scale", scale, batch_size=bs)
         if self.use_caption:
             caption = self.caption_loss(text_states, tokens[:, : text_states.shape[1]], image_states)
@@ -190,10 +216,16 @@ class FoundationModule(L.LightningModule):
                 with torch.set_grad_enabled(text_grad and torch.is_grad_enabled()):
                     empty = self.model.text_condition([""])  # the unconditional embedding, batch 1
                 cond = cond.where(drop, empty)
-            denoise = diffusion_loss(self.model.decoder, self.noise_scheduler, batch["image"] * 2 - 1, cond, cfg.min_snr_gamma)
+            images = batch["image"]
+            if images.shape[-1] != cfg.image_size:  # e.g. a 224-pixel image tower beside a 64-pixel decoder
+                images = torch.nn.functional.interpolate(images, size=cfg.image_size, mode="bicubic", antialias=True).clamp(0, 1)
+            denoise = diffusion_loss(self.model.decoder, self.noise_scheduler, images * 2 - 1, cond, cfg.min_snr_gamma)
             loss = loss + w["diffusion"] * denoise
             self.log("train/diffusion", denoise, batch_size=bs)
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if self.trainer.world_size > 1:  # every rank stops or skips together
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
             return self._non_finite(loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         return loss
@@ -262,19 +294,65 @@ class FoundationModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.ema is not None:
             checkpoint["decoder_ema"] = self.ema.state_dict()
+        # the random streams of noise, timesteps and dropout, so that a resumed run continues them
+        # (tensors, ints and tuples only: the checkpoint stays loadable with weights_only=True)
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+            **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.ema is not None and "decoder_ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["decoder_ema"])
+        rng = checkpoint.get("rng_states")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            kind, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            random.setstate(tuple(rng["python"]))
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+    # ---- data report ---------------------------------------------------------------------------------
+    def on_train_epoch_end(self) -> None:
+        """Log and print how many samples were used, skipped and fixed this epoch (all ranks)."""
+        kinds = ("used",) + SKIPPED + FIXED + DROPPED
+        counts = torch.tensor([self.samples_seen] + [self.data_issues[k] for k in kinds[1:]], dtype=torch.float64)
+        if self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
+        totals = dict(zip(kinds, (int(c) for c in counts)))
+        self.log_dict({f"data/{k}": float(v) for k, v in totals.items()}, rank_zero_only=True)
+        skipped = ", ".join(f"{totals[k]} {k}" for k in SKIPPED + DROPPED if totals[k]) or "none"
+        fixed = ", ".join(f"{totals[k]} {k}" for k in FIXED if totals[k]) or "none"
+        rank_zero_info(f"data, epoch {self.current_epoch}: {totals['used']} samples used; skipped: {skipped}; fixed: {fixed}")
+        self.last_data_report = totals
+        self.data_issues.clear()
+        self.samples_seen = 0
+
+    def _param_group(self, name: str) -> str:
+        """The component a parameter belongs to (for ``lr_multipliers``)."""
+        for component, prefix in (("text", "model.encoders.text."), ("image", "model.encoders.image."),
+                                  ("decoder", "model.decoder."), ("language", "model.language.")):
+            if name.startswith(prefix):
+                return component
+        return "logit_scale" if name.endswith("logit_scale") else "other"
 
     def configure_optimizers(self) -> dict[str, Any]:
-        decay, no_decay = [], []
+        multipliers = self.hparams.lr_multipliers or {}
+        groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
-            (no_decay if param.ndim < 2 or any(n in name for n in _NO_DECAY_NAMES) else decay).append(param)
+            decay = not (param.ndim < 2 or any(n in name for n in _NO_DECAY_NAMES))
+            groups.setdefault((self._param_group(name), decay), []).append(param)
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [
+                {"params": params, "weight_decay": self.hparams.weight_decay if decay else 0.0,
+                 "lr": self.hparams.lr * multipliers.get(group, 1.0), "name": f"{group}{'' if decay else '_no_decay'}"}
+                for (group, decay), params in groups.items()
+            ],
             lr=self.hparams.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps,
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -291,6 +369,9 @@ class FoundationModule(L.LightningModule):
 
     # ---- evaluation ----------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        batch.pop("data_issues", None)  # bad validation samples are skipped (training counts them)
+        if batch["image"].shape[0] == 0:
+            return
         out = self._encode(batch)
         record = {
             "image": out["image_features"].float(), "text": out["text_features"].float(),
