@@ -35,7 +35,7 @@ class DecoderConfig:
     prediction_type: str = "epsilon"  # "epsilon" | "v_prediction"
     cfg_dropout: float = 0.1  # probability that a caption is replaced by the empty prompt
     min_snr_gamma: float | None = None  # min-SNR-gamma loss weighting (e.g. 5.0); None = off
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # 0 turns the EMA off (validation and export use the raw weights)
 
     def validate(self) -> None:
         if self.image_size > 64 or self.image_size % 2 ** (len(self.block_out_channels) - 1):
@@ -46,5 +46,7 @@ class DecoderConfig:
             raise ValueError("decoder.block_out_channels must be multiples of attention_head_dim and norm_num_groups")
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"decoder.prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"decoder.ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.cfg_dropout < 1.0:
             raise ValueError(f"decoder.cfg_dropout must be in [0, 1), got {self.cfg_dropout}")

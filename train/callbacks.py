@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import FSDPStrategy
 from PIL import Image, ImageDraw, ImageFont
 
 from multimodal.pipeline import zero_shot_weights
@@ -65,6 +66,10 @@ class AlignmentReport(Callback):
 
     @torch.no_grad()
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        out_dir = Path(trainer.log_dir or ".")  # a collective call (broadcast): every rank makes it
+        if isinstance(trainer.strategy, FSDPStrategy):
+            self._export_sharded(trainer, pl_module, out_dir)
+            return
         if not trainer.is_global_zero or trainer.datamodule is None:
             return
         dm = trainer.datamodule
@@ -77,7 +82,6 @@ class AlignmentReport(Callback):
         else:
             metrics = pl_module.evaluate_features(feats)
             metrics.update(pl_module.generation_fidelity())
-        out_dir = Path(trainer.log_dir or ".")
         out_dir.mkdir(parents=True, exist_ok=True)
         metrics["global_step"] = trainer.global_step
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -110,6 +114,22 @@ class AlignmentReport(Callback):
         pl_module.train(was_training)
 
 
+    def _export_sharded(self, trainer: L.Trainer, pl_module: L.LightningModule, out_dir: Path) -> None:
+        """FSDP: the weights are sharded over the ranks, so every rank takes part in gathering
+        the full state dict; rank 0 exports it. (Evaluate the export with ``multimodal test``:
+        evaluating here would need every rank in every forward.)"""
+        state = trainer.strategy.lightning_module_state_dict()
+        if not self.export or not trainer.is_global_zero:
+            return
+        from multimodal.model import FoundationModel
+
+        model = FoundationModel(pl_module.model.config)
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+        for target in [out_dir / "model"] + ([Path(self.export_to)] if self.export_to else []):
+            model.save_pretrained(target)
+            print(f"saved model to {target} (gathered from the FSDP shards)", flush=True)
+
+
 class SampleGrid(Callback):
     """Every ``every_n_steps`` (and at the end of fit): generate the first ``num_images`` fixed
     fidelity prompts with fixed seeds (EMA decoder) and write ``samples/step_XXXXXX.png`` in the
@@ -132,6 +152,7 @@ class SampleGrid(Callback):
     @torch.no_grad()
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
         dm = trainer.datamodule
+        log_dir = Path(trainer.log_dir or ".")  # a collective call (broadcast): every rank makes it
         prompts = dm.generation_prompts(self.num_images) if dm is not None and pl_module.model.decoder is not None else None
         if not trainer.is_global_zero or not prompts:
             return None
@@ -145,7 +166,7 @@ class SampleGrid(Callback):
             readings.append([(f"reads {name}", 1.0 if found and (found.color, found.shape) == (truth.color, truth.shape) else 0.0)])
         truth = [f"reads {t.color} {t.shape}" for _, t, _ in prompts]
         grid = prediction_grid(images, [p for p, _, _ in prompts], truth, readings)
-        path = Path(trainer.log_dir or ".") / "samples" / f"step_{trainer.global_step:06d}.png"
+        path = log_dir / "samples" / f"step_{trainer.global_step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
         experiment = getattr(trainer.logger, "experiment", None)

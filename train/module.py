@@ -142,7 +142,7 @@ class FoundationModule(L.LightningModule):
         self.noise_scheduler = train_scheduler(self.model.config.decoder) if self.use_diffusion else None
         self.ema = (
             EMAModel(self.model.decoder.parameters(), decay=self.model.config.decoder.ema_decay)
-            if self.use_diffusion and "decoder" not in self.frozen else None
+            if self.use_diffusion and "decoder" not in self.frozen and self.model.config.decoder.ema_decay > 0 else None
         )
         self._val_outputs: list[dict[str, torch.Tensor]] = []
         self.last_eval: tuple[int, dict[str, float]] | None = None
@@ -161,6 +161,11 @@ class FoundationModule(L.LightningModule):
             local_loss=world > 1, gather_with_grad=world > 1, cache_labels=True,
             rank=self.global_rank, world_size=world,
         )
+        if self.ema is not None and self._trainer is not None:
+            from lightning.pytorch.strategies import FSDPStrategy
+
+            if isinstance(self.trainer.strategy, FSDPStrategy):  # its shadow weights would be full-size, the live ones sharded
+                raise ValueError("the decoder EMA does not work with FSDP yet: set model.overrides {decoder: {ema_decay: 0}} or use ddp")
         dm = self.trainer.datamodule if self._trainer is not None else None
         size = getattr(dm, "image_size", None)
         if size is not None and size != self.model.config.image.image_size:
@@ -377,7 +382,7 @@ class FoundationModule(L.LightningModule):
             "image": out["image_features"].float(), "text": out["text_features"].float(),
             "label": batch["label"], "group": batch["group"],
         }
-        if self.use_caption:
+        if self.use_caption and bool((batch["label"] >= 0).any()):  # only data with classes (shapes) is scored
             record["caption_label"] = self.caption_labels(batch["image"])
         self._val_outputs.append(record)
 
