@@ -1,6 +1,6 @@
 """The ``multimodal`` command. Training subcommands go to LightningCLI (imported lazily, so
-the modeling packages never import Lightning); ``export``, ``generate`` and ``caption`` are
-plain argparse."""
+the modeling packages never import Lightning); the others are plain argparse and use the
+shipped shapes model (``assets/models/shapes``) when ``--model`` is omitted."""
 
 from __future__ import annotations
 
@@ -9,16 +9,32 @@ import sys
 from pathlib import Path
 
 TRAIN_COMMANDS = ("fit", "validate", "test", "predict")
-USAGE = """usage: multimodal {fit,validate,test,predict,export,generate,caption} ...
+USAGE = """usage: multimodal {fit,validate,test,predict,export,generate,classify,caption,complete,demo} ...
 
   fit        train (LightningCLI: --config assets/configs/align.yaml; --print_config shows every option)
   validate   evaluate a checkpoint on the validation split (--ckpt_path)
   test       same metrics on the held-out split (--ckpt_path)
   predict    run prediction (--ckpt_path)
   export     Lightning checkpoint -> save_pretrained folder (decoder/ also in diffusers' format)
-  generate   text -> image(s) with a saved model
-  caption    image(s) -> caption(s) with a saved model (greedy, --num-beams, --sample)
+  generate   text -> image(s)
+  classify   image(s) + labels -> zero-shot probabilities
+  caption    image(s) -> caption(s) (greedy, --num-beams, --sample)
+  complete   text -> text (optionally about an image: --image)
+  demo       the Gradio demo page (127.0.0.1:7860 by default)
+
+generate, classify, caption, complete and demo take --model DIR (a save_pretrained folder);
+without it they use the shipped shapes model.
 """
+
+
+def _model_dir(model: str | None) -> Path:
+    from .demo import SHIPPED_MODEL
+
+    directory = Path(model) if model else SHIPPED_MODEL
+    if not directory.is_dir():
+        hint = "" if model else " (the shipped model; pass --model DIR for another)"
+        raise FileNotFoundError(f"--model: no model folder at {directory}{hint}")
+    return directory
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -47,7 +63,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from .pipeline import FoundationPipeline
 
-    pipe = FoundationPipeline.from_pretrained(args.model, scheduler=args.scheduler)
+    pipe = FoundationPipeline.from_pretrained(_model_dir(args.model), scheduler=args.scheduler)
     out = pipe(
         args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
         num_images_per_prompt=args.num_images,
@@ -70,13 +86,49 @@ def _caption(args: argparse.Namespace) -> int:
     for image in args.images:
         if not Path(image).is_file():
             raise FileNotFoundError(f"image not found: {image}")
-    pipe = FoundationPipeline.from_pretrained(args.model)
+    pipe = FoundationPipeline.from_pretrained(_model_dir(args.model))
     captions = pipe.caption(
         args.images, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.sample,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=torch.Generator().manual_seed(args.seed),
     )
     for image, caption in zip(args.images, captions):
         print(f"{image}\t{caption}" if len(args.images) > 1 else caption)
+    return 0
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from .pipeline import FoundationPipeline
+
+    for image in args.images:
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"image not found: {image}")
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    if len(labels) < 2:
+        raise ValueError(f"--labels: give at least two comma-separated labels, got {args.labels!r}")
+    templates = args.templates or ["a {}", "a picture of a {}", "an image of a {}", "a drawing of a {}"]
+    pipe = FoundationPipeline.from_pretrained(_model_dir(args.model))
+    probs = pipe.classify(args.images, labels, templates=templates)
+    for image, row in zip(args.images, probs):
+        best = sorted(zip(labels, row.tolist()), key=lambda x: -x[1])[: args.top]
+        print(f"{image}\t" + "\t".join(f"{label} {p:.3f}" for label, p in best))
+    return 0
+
+
+def _complete(args: argparse.Namespace) -> int:
+    from .pipeline import FoundationPipeline
+
+    if args.image is not None and not Path(args.image).is_file():
+        raise FileNotFoundError(f"--image not found: {args.image}")
+    pipe = FoundationPipeline.from_pretrained(_model_dir(args.model))
+    images = [args.image] if args.image is not None else None
+    print(pipe.complete([args.text], images=images, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)[0])
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import launch
+
+    launch(_model_dir(args.model), host=args.host, port=args.port)
     return 0
 
 
@@ -88,17 +140,17 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="output folder")
     gen = sub.add_parser("generate", help="text -> image(s)")
     gen.add_argument("prompt")
-    gen.add_argument("--model", required=True, help="a save_pretrained folder")
+    gen.add_argument("--model", default=None, help="a save_pretrained folder (default: the shipped shapes model)")
     gen.add_argument("--out", default="image.png")
     gen.add_argument("--negative", default=None, help="negative prompt")
     gen.add_argument("--steps", type=int, default=25)
-    gen.add_argument("--guidance", type=float, default=3.0)
+    gen.add_argument("--guidance", type=float, default=5.0)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--scheduler", default="ddim")
+    gen.add_argument("--scheduler", default="dpm++")
     gen.add_argument("--num-images", type=int, default=1)
     cap = sub.add_parser("caption", help="image(s) -> caption(s)")
     cap.add_argument("images", nargs="+", help="image file(s)")
-    cap.add_argument("--model", required=True, help="a save_pretrained folder")
+    cap.add_argument("--model", default=None, help="a save_pretrained folder (default: the shipped shapes model)")
     cap.add_argument("--max-new-tokens", type=int, default=16)
     cap.add_argument("--num-beams", type=int, default=1)
     cap.add_argument("--sample", action="store_true", help="sample instead of greedy / beam search")
@@ -106,6 +158,22 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("--top-k", type=int, default=None)
     cap.add_argument("--top-p", type=float, default=1.0)
     cap.add_argument("--seed", type=int, default=0)
+    cls = sub.add_parser("classify", help="image(s) + labels -> probabilities")
+    cls.add_argument("images", nargs="+", help="image file(s)")
+    cls.add_argument("--labels", required=True, help="comma-separated class names, e.g. 'red circle, blue square'")
+    cls.add_argument("--templates", nargs="*", default=None, help="prompt templates with {} (default: the shapes caption templates)")
+    cls.add_argument("--top", type=int, default=3, help="how many labels to print per image")
+    cls.add_argument("--model", default=None, help="a save_pretrained folder (default: the shipped shapes model)")
+    com = sub.add_parser("complete", help="text -> text")
+    com.add_argument("text")
+    com.add_argument("--image", default=None, help="complete the text about this image")
+    com.add_argument("--max-new-tokens", type=int, default=16)
+    com.add_argument("--num-beams", type=int, default=1)
+    com.add_argument("--model", default=None, help="a save_pretrained folder (default: the shipped shapes model)")
+    dem = sub.add_parser("demo", help="the Gradio demo page")
+    dem.add_argument("--model", default=None, help="a save_pretrained folder (default: the shipped shapes model)")
+    dem.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    dem.add_argument("--port", type=int, default=7860)
     return parser
 
 
@@ -120,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
 
             run_cli(argv)
             return 0
-        commands = {"export": _export, "generate": _generate, "caption": _caption}
+        commands = {
+            "export": _export, "generate": _generate, "caption": _caption, "classify": _classify,
+            "complete": _complete, "demo": _demo,
+        }
         if argv[0] not in commands:
             print(f"multimodal: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
             return 2

@@ -105,25 +105,38 @@ class FoundationPipeline:
         return GenerationOutput([Image.fromarray((a * 255).round().astype(np.uint8)) for a in array])
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu", scheduler: str = "ddim") -> "FoundationPipeline":
-        return cls(FoundationModel.from_pretrained(directory), scheduler).to(device)
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device = "cpu", scheduler: str = "ddim",
+        dtype: torch.dtype | None = None,
+    ) -> "FoundationPipeline":
+        """Load a ``save_pretrained`` folder (safetensors only: pickle files are refused) onto
+        ``device``, optionally in ``dtype`` (e.g. ``torch.bfloat16`` on GPUs)."""
+        return cls(FoundationModel.from_pretrained(directory), scheduler).to(device, dtype)
 
     def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (+ the decoder in diffusers' format)."""
         return self.model.save_pretrained(directory)
 
-    def to(self, device: str | torch.device) -> "FoundationPipeline":
-        self.model.to(device)
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "FoundationPipeline":
+        """Move the model to ``device`` and/or cast its weights to ``dtype``; inputs follow."""
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+        self.model.to(device=device, dtype=dtype)
         return self
 
     @property
     def device(self) -> torch.device:
         return self.model.pixel_mean.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.pixel_mean.dtype
+
     def _pixels(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
         """Any supported image input(s) -> float [B, 3, S, S] in [0, 1] at the model's size."""
         size = self.model.config.image.image_size
         if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] and tuple(images.shape[1:]) == (3, size, size):
-            return images.detach().float().clamp(0, 1).to(self.device)  # already a batch at the model's size
+            return images.detach().float().clamp(0, 1).to(self.device, self.dtype)  # already a batch at the model's size
         if isinstance(images, torch.Tensor) and images.dim() == 4:
             items = list(images)
         elif isinstance(images, (list, tuple)):
@@ -152,7 +165,7 @@ class FoundationPipeline:
             if item.size != (size, size):
                 item = item.resize((size, size), Image.BICUBIC)
             out.append(torch.from_numpy(np.asarray(item).copy()).permute(2, 0, 1))
-        return torch.stack(out).float().div(255).to(self.device)
+        return torch.stack(out).float().div(255).to(self.device, self.dtype)
 
     @torch.no_grad()
     def embed_text(self, texts: str | Sequence[str]) -> torch.Tensor:

@@ -72,6 +72,10 @@ class FoundationModule(L.LightningModule):
             (contrastive + captioning, CoCa) or ``joint`` (all three).
         loss_weights / freeze: override the stage's loss weights (``contrastive``, ``diffusion``,
             ``caption``) and frozen components (``text``, ``image``, ``decoder``, ``language``).
+        diffusion_batch_size: the denoising loss uses only the first N samples of each batch
+            (denoising costs far more per sample than the other losses); None: all.
+        diffusion_text_grad: whether the denoising loss trains the shared text encoder too
+            (False: the decoder learns on the text states the other losses shape).
         caption_tokens: new-token budget of the validation captions (caption accuracy).
         on_nonfinite: a NaN/inf loss ``stop``s the run (after saving a checkpoint of the last
             good weights) or ``skip``s that step.
@@ -105,6 +109,8 @@ class FoundationModule(L.LightningModule):
         guidance_scale: float = 3.0,
         caption_tokens: int = 12,
         on_nonfinite: str = "stop",
+        diffusion_batch_size: int | None = None,
+        diffusion_text_grad: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -215,13 +221,18 @@ class FoundationModule(L.LightningModule):
             self.log("train/caption", caption, batch_size=bs)
         if self.use_diffusion:
             cfg = self.model.config.decoder
-            cond = TextCondition(text_states, torch.nn.functional.normalize(text_pooled, dim=-1))
-            drop = torch.rand(bs, device=self.device) < cfg.cfg_dropout  # classifier-free guidance dropout
+            n = min(bs, self.hparams.diffusion_batch_size or bs)  # the denoising loss may use part of the batch
+            grad = text_grad and self.hparams.diffusion_text_grad
+            states, pooled = text_states[:n], text_pooled[:n]
+            if not grad:
+                states, pooled = states.detach(), pooled.detach()
+            cond = TextCondition(states, torch.nn.functional.normalize(pooled, dim=-1))
+            drop = torch.rand(n, device=self.device) < cfg.cfg_dropout  # classifier-free guidance dropout
             if drop.any():
-                with torch.set_grad_enabled(text_grad and torch.is_grad_enabled()):
+                with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
                     empty = self.model.text_condition([""])  # the unconditional embedding, batch 1
                 cond = cond.where(drop, empty)
-            images = batch["image"]
+            images = batch["image"][:n]
             if images.shape[-1] != cfg.image_size:  # e.g. a 224-pixel image tower beside a 64-pixel decoder
                 images = torch.nn.functional.interpolate(images, size=cfg.image_size, mode="bicubic", antialias=True).clamp(0, 1)
             denoise = diffusion_loss(self.model.decoder, self.noise_scheduler, images * 2 - 1, cond, cfg.min_snr_gamma)

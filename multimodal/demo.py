@@ -1,0 +1,237 @@
+"""Gradio demo page: ``multimodal demo [--model DIR] [--host 127.0.0.1] [--port 7860]``.
+
+Tabs Generate, Classify, Search, Caption and Complete, each also an API endpoint
+(``/generate``, ``/classify``, ``/search``, ``/caption``, ``/complete``) for ``gradio_client``.
+Hardened by default: binds 127.0.0.1, never shares, a bounded queue with a concurrency limit,
+an upload size limit, every input bounded and checked on the server (the sliders' bounds are
+only a convenience of the page), and Gradio serves no file outside its own cache.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from diffusion.schedule import SCHEDULERS
+
+from .pipeline import FoundationPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_MODEL = ROOT / "assets" / "models" / "shapes"
+EXAMPLES = ROOT / "assets" / "demo"
+TEMPLATES = ("a {}", "a picture of a {}", "an image of a {}", "a drawing of a {}")
+
+
+@dataclass(frozen=True)
+class DemoLimits:
+    """Bounds on what one request may ask for."""
+
+    max_steps: int = 50
+    max_images: int = 8
+    max_text_chars: int = 200
+    max_labels: int = 32
+    max_uploads: int = 16
+    max_guidance: float = 20.0
+    max_new_tokens: int = 32
+    max_file_size: str = "2mb"
+    queue_size: int = 64
+    concurrency: int = 2
+
+
+def _error(message: str) -> Exception:
+    import gradio as gr
+
+    return gr.Error(message)
+
+
+def _text(value: Any, name: str, limits: DemoLimits, allow_empty: bool = False, max_chars: int | None = None) -> str:
+    max_chars = max_chars or limits.max_text_chars
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        raise _error(f"{name} must be text")
+    value = value.strip()
+    if not value and not allow_empty:
+        raise _error(f"{name} is empty")
+    if len(value) > max_chars:
+        raise _error(f"{name} is too long: {len(value)} characters (at most {max_chars})")
+    return value
+
+
+def _number(value: Any, name: str, low: float, high: float, integer: bool = True) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise _error(f"{name} must be a number, got {value!r}") from None
+    if not low <= number <= high or (integer and number != int(number)):
+        kind = "a whole number" if integer else "a number"
+        raise _error(f"{name} must be {kind} between {low:g} and {high:g}, got {value}")
+    return int(number) if integer else number
+
+
+def _image(value: Any, name: str = "image") -> Image.Image:
+    if value is None:
+        raise _error(f"{name}: upload an image first")
+    if isinstance(value, str):  # a path from the queue (file uploads)
+        with Image.open(value) as img:
+            return img.convert("RGB")
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    raise _error(f"{name}: unsupported input {type(value).__name__}")
+
+
+def _view(image: Image.Image, size: int = 192) -> Image.Image:
+    """Small model images enlarged with nearest-neighbour for the page (crisp pixels)."""
+    return image.resize((size, size), Image.NEAREST) if image.width < size else image
+
+
+def example_images() -> list[Path]:
+    return sorted(EXAMPLES.glob("*.png"))
+
+
+def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gallery: list[Path] | None = None):
+    """The ``gr.Blocks`` page for ``pipe`` (not launched). ``gallery``: the images the Search
+    tab searches besides uploads (default: the shipped example images)."""
+    import gradio as gr
+
+    lock = threading.Lock()  # one model, shared by the queue's workers: one call at a time
+    gallery = example_images() if gallery is None else gallery
+    has_decoder, has_language = pipe.model.decoder is not None, pipe.model.language is not None
+
+    def generate(prompt, negative, steps, guidance, seed, scheduler, num_images, progress=gr.Progress(track_tqdm=True)):
+        prompt = _text(prompt, "prompt", limits)
+        negative = _text(negative, "negative prompt", limits, allow_empty=True) or None
+        steps = _number(steps, "steps", 1, limits.max_steps)
+        guidance = _number(guidance, "guidance", 0, limits.max_guidance, integer=False)
+        seed = _number(seed, "seed", 0, 2**31 - 1)
+        count = _number(num_images, "number of images", 1, limits.max_images)
+        if scheduler not in SCHEDULERS:
+            raise _error(f"scheduler must be one of {', '.join(sorted(SCHEDULERS))}, got {scheduler!r}")
+        if not has_decoder:
+            raise _error("this model has no diffusion decoder")
+        with lock:
+            out = pipe(
+                prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
+                num_images_per_prompt=count, scheduler=scheduler,
+                generator=[torch.Generator().manual_seed(seed + i) for i in range(count)],
+            )
+        return [(_view(img), f"seed {seed + i}") for i, img in enumerate(out.images)]
+
+    def classify(image, labels):
+        image = _image(image)
+        names = [n.strip() for n in _text(labels, "labels", limits, max_chars=limits.max_labels * 40).replace("\n", ",").split(",") if n.strip()]
+        if not 2 <= len(names) <= limits.max_labels:
+            raise _error(f"labels: give between 2 and {limits.max_labels} comma-separated labels, got {len(names)}")
+        with lock:
+            probs = pipe.classify(image, names, templates=TEMPLATES)[0]
+        return {name: float(p) for name, p in zip(names, probs)}
+
+    def search(query, uploads, top_k):
+        query = _text(query, "query", limits)
+        uploads = list(uploads or [])
+        if len(uploads) > limits.max_uploads:
+            raise _error(f"uploads: at most {limits.max_uploads} images, got {len(uploads)}")
+        names = [p.name for p in gallery] + [Path(getattr(u, "name", u)).name for u in uploads]
+        images = [_image(str(p)) for p in gallery] + [_image(str(getattr(u, "name", u)), "upload") for u in uploads]
+        if not images:
+            raise _error("nothing to search: upload images")
+        top_k = _number(top_k, "results", 1, len(images))
+        with lock:
+            ranked = pipe.retrieve(query, images, top_k=top_k)
+        return [(_view(images[i]), f"{names[i]}  {score:.3f}") for i, score in ranked]
+
+    def caption(image, num_beams):
+        image = _image(image)
+        beams = _number(num_beams, "beams", 1, 8)
+        if not has_language:
+            raise _error("this model has no language head")
+        with lock:
+            return pipe.caption(image, num_beams=beams, max_new_tokens=limits.max_new_tokens)[0]
+
+    def complete(text, max_new_tokens):
+        text = _text(text, "text", limits)
+        budget = _number(max_new_tokens, "new tokens", 1, limits.max_new_tokens)
+        if not has_language:
+            raise _error("this model has no language head")
+        with lock:
+            return pipe.complete(text, max_new_tokens=budget)[0]
+
+    examples = [str(p) for p in example_images()[:4]]
+    with gr.Blocks(title="multimodal-foundation demo") as demo:
+        gr.Markdown(
+            "# multimodal-foundation\nOne shared text encoder: generate images, classify and search "
+            "images zero-shot, caption images and complete text."
+        )
+        with gr.Tab("Generate"):
+            with gr.Row():
+                with gr.Column():
+                    g_prompt = gr.Textbox(label="Prompt", value="a large red circle", max_length=limits.max_text_chars)
+                    g_negative = gr.Textbox(label="Negative prompt", max_length=limits.max_text_chars)
+                    g_steps = gr.Slider(1, limits.max_steps, value=min(25, limits.max_steps), step=1, label="Steps")
+                    g_guidance = gr.Slider(0, limits.max_guidance, value=5.0, step=0.5, label="Guidance")
+                    g_seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
+                    g_scheduler = gr.Dropdown(sorted(SCHEDULERS), value="dpm++", label="Scheduler")
+                    g_count = gr.Slider(1, limits.max_images, value=min(4, limits.max_images), step=1, label="Number of images")
+                    g_button = gr.Button("Generate", variant="primary")
+                g_gallery = gr.Gallery(label="Images", columns=4, elem_id="generate-gallery")
+            g_button.click(generate, [g_prompt, g_negative, g_steps, g_guidance, g_seed, g_scheduler, g_count],
+                           g_gallery, api_name="generate")
+            gr.Examples([["a large red circle"], ["a small blue square at the top left"], ["a green triangle"]], [g_prompt])
+        with gr.Tab("Classify"):
+            with gr.Row():
+                c_image = gr.Image(type="pil", label="Image")
+                with gr.Column():
+                    c_labels = gr.Textbox(label="Labels (comma-separated)", value="red circle, blue square, green triangle, yellow diamond")
+                    c_button = gr.Button("Classify", variant="primary")
+                    c_out = gr.Label(label="Probabilities", num_top_classes=5)
+            c_button.click(classify, [c_image, c_labels], c_out, api_name="classify")
+            if examples:
+                gr.Examples([[e] for e in examples], [c_image])
+        with gr.Tab("Search"):
+            with gr.Row():
+                with gr.Column():
+                    s_query = gr.Textbox(label="Query", value="a red shape")
+                    s_uploads = gr.File(label="Add images", file_count="multiple", file_types=["image"])
+                    s_top = gr.Slider(1, 16, value=4, step=1, label="Results")
+                    s_button = gr.Button("Search", variant="primary")
+                s_out = gr.Gallery(label="Ranked results", columns=4)
+            s_button.click(search, [s_query, s_uploads, s_top], s_out, api_name="search")
+            gr.Examples([["a red shape"], ["a large square"]], [s_query])
+        with gr.Tab("Caption"):
+            with gr.Row():
+                p_image = gr.Image(type="pil", label="Image")
+                with gr.Column():
+                    p_beams = gr.Slider(1, 8, value=1, step=1, label="Beams")
+                    p_button = gr.Button("Caption", variant="primary")
+                    p_out = gr.Textbox(label="Caption")
+            p_button.click(caption, [p_image, p_beams], p_out, api_name="caption")
+            if examples:
+                gr.Examples([[e] for e in examples], [p_image])
+        with gr.Tab("Complete"):
+            t_text = gr.Textbox(label="Text", value="a picture of a")
+            t_tokens = gr.Slider(1, limits.max_new_tokens, value=8, step=1, label="New tokens")
+            t_button = gr.Button("Complete", variant="primary")
+            t_out = gr.Textbox(label="Completion")
+            t_button.click(complete, [t_text, t_tokens], t_out, api_name="complete")
+            gr.Examples([["a picture of a"], ["a drawing of a small"]], [t_text])
+    demo.queue(max_size=limits.queue_size, default_concurrency_limit=limits.concurrency)
+    return demo
+
+
+def launch(model: str | Path | None = None, host: str = "127.0.0.1", port: int | None = None,
+           limits: DemoLimits = DemoLimits(), prevent_thread_lock: bool = False, quiet: bool = False):
+    """Load the model (default: the shipped shapes model) and serve the page. Returns the
+    ``gr.Blocks`` (its ``local_url`` tells where it runs; ``close()`` stops it)."""
+    directory = Path(model) if model is not None else SHIPPED_MODEL
+    pipe = FoundationPipeline.from_pretrained(directory, scheduler="dpm++")
+    demo = build_demo(pipe, limits)
+    demo.launch(
+        server_name=host, server_port=port, share=False, max_file_size=limits.max_file_size,
+        prevent_thread_lock=prevent_thread_lock, show_error=True, quiet=quiet, ssr_mode=False,
+    )
+    return demo

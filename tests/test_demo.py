@@ -1,0 +1,142 @@
+"""The Gradio demo, launched for real (prevent_thread_lock) on a tiny random model and called
+through gradio_client like any remote user would."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+gr = pytest.importorskip("gradio")
+gradio_client = pytest.importorskip("gradio_client")
+
+from multimodal import FoundationConfig, FoundationModel  # noqa: E402
+from multimodal.demo import DemoLimits, example_images, launch  # noqa: E402
+
+LIMITS = DemoLimits(max_steps=4, max_images=2, max_file_size="100kb")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    FoundationModel(FoundationConfig.from_preset("tiny")).save_pretrained(folder)
+    app = launch(folder, port=None, limits=LIMITS, prevent_thread_lock=True, quiet=True)
+    yield app
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def client(demo):
+    return gradio_client.Client(demo.local_url, verbose=False)
+
+
+def _open(path: str) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def test_every_tab_answers_through_the_api(client):
+    images = client.predict("a red circle", "", 2, 3.0, 7, "ddim", 2, api_name="/generate")
+    assert len(images) == 2 and [item["caption"] for item in images] == ["seed 7", "seed 8"]
+    assert _open(images[0]["image"]).size == (192, 192)
+
+    example = gradio_client.handle_file(str(example_images()[0]))
+    probs = client.predict(example, "red circle, blue square, green triangle", api_name="/classify")
+    confidences = {c["label"]: c["confidence"] for c in probs["confidences"]}
+    assert set(confidences) == {"red circle", "blue square", "green triangle"}
+    assert abs(sum(confidences.values()) - 1) < 1e-4
+
+    upload = [gradio_client.handle_file(str(p)) for p in example_images()[:2]]
+    ranked = client.predict("a red shape", upload, 3, api_name="/search")
+    assert len(ranked) == 3 and all(" " in item["caption"] for item in ranked)
+
+    caption = client.predict(example, 1, api_name="/caption")
+    assert isinstance(caption, str)
+    completion = client.predict("a picture of a", 3, api_name="/complete")
+    assert isinstance(completion, str) and completion.startswith("a picture of a")
+
+
+def test_out_of_range_input_is_refused_with_a_message(client):
+    # the sliders' bounds are checked by Gradio on the server before our own check
+    with pytest.raises(Exception, match=r"Value 500 is greater than maximum value 4"):
+        client.predict("a red circle", "", 500, 3.0, 0, "ddim", 1, api_name="/generate")
+    with pytest.raises(Exception, match=r"Value 9 is greater than maximum value 2"):
+        client.predict("a red circle", "", 2, 3.0, 0, "ddim", 9, api_name="/generate")
+    with pytest.raises(Exception, match=r"seed must be a whole number between 0 and"):
+        client.predict("a red circle", "", 2, 3.0, 2**40, "ddim", 1, api_name="/generate")
+    with pytest.raises(Exception, match=r"prompt is too long"):
+        client.predict("x" * 1000, "", 2, 3.0, 0, "ddim", 1, api_name="/generate")
+    with pytest.raises(Exception, match=r"nonsense is not in the list of choices"):
+        client.predict("a red circle", "", 2, 3.0, 0, "nonsense", 1, api_name="/generate")
+
+
+def test_no_file_outside_the_app_is_served(demo):
+    secret = Path(__file__)  # a file the app never served
+    for route in ("gradio_api/file=", "file="):
+        url = f"{demo.local_url}{route}{secret}"
+        try:
+            with urllib.request.urlopen(url) as response:
+                body = response.read()
+        except urllib.error.HTTPError as err:
+            assert err.code in (403, 404)
+        else:  # some routes answer 200 with the page itself, never with the file
+            assert b"def test_no_file_outside_the_app_is_served" not in body
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{demo.local_url}gradio_api/file=/etc/passwd")
+    assert refused.value.code in (403, 404)
+
+
+def test_oversized_upload_is_refused(demo, tmp_path):
+    big = tmp_path / "big.png"
+    Image.effect_noise((400, 400), 64).convert("RGB").save(big)  # ~480 kB of noise > 100 kB limit
+    assert big.stat().st_size > 100_000
+    boundary = "----multimodaltest"
+    body = io.BytesIO()
+    body.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.png\"\r\n"
+               "Content-Type: image/png\r\n\r\n".encode())
+    body.write(big.read_bytes())
+    body.write(f"\r\n--{boundary}--\r\n".encode())
+    request = urllib.request.Request(f"{demo.local_url}gradio_api/upload", data=body.getvalue(), method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request)
+    assert refused.value.code == 413
+
+
+def test_twenty_concurrent_generate_calls_complete(client):
+    jobs = [client.submit(f"a shape number {i}", "", 1, 2.0, i, "ddim", 1, api_name="/generate") for i in range(20)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda job: job.result(timeout=300), jobs))
+    assert len(results) == 20 and all(len(r) == 1 and r[0]["caption"] == f"seed {i}" for i, r in enumerate(results))
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium; .ci/run does)")
+def test_browser_generates_an_image(demo, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        try:
+            page = browser.new_page()
+            page.goto(demo.local_url, wait_until="networkidle")
+            prompt = page.get_by_label("Prompt", exact=True)
+            prompt.fill("a small blue square")
+            page.get_by_role("button", name="Generate", exact=True).click()
+            images = page.locator("#generate-gallery img")
+            images.first.wait_for(timeout=120_000)
+            page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+            assert images.count() == LIMITS.max_images  # the default number of images, capped by the limits
+            assert images.first.evaluate("img => img.naturalWidth") == 192
+        finally:
+            browser.close()
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
