@@ -3,6 +3,8 @@ project's core, plus its diffusers-format export."""
 
 from __future__ import annotations
 
+import copy
+
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -88,8 +90,14 @@ class Decoder(nn.Module):
         labels = self.class_labels(cond.embeds).to(cond.states.dtype) if self.config.text_embed_conditioning else None
         return self.unet(sample, timesteps, encoder_hidden_states=cond.states, class_labels=labels).sample
 
-    def save_diffusers(self, directory: str | Path) -> Path:
-        """Write the UNet in diffusers' own folder format (``UNet2DConditionModel.from_pretrained``)."""
+    def save_diffusers(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write the UNet in diffusers' own folder format (``UNet2DConditionModel.from_pretrained``),
+        optionally with its weights stored in ``dtype``."""
+        if dtype is not None:
+            copy.deepcopy(self.unet).to(dtype=dtype, memory_format=torch.contiguous_format).save_pretrained(
+                str(directory), safe_serialization=True
+            )
+            return Path(directory)
         self.unet.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors
         try:
             self.unet.save_pretrained(str(directory), safe_serialization=True)

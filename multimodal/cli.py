@@ -52,8 +52,9 @@ def _export(args: argparse.Namespace) -> int:
         f"with `multimodal export --ckpt {args.ckpt} --out {args.out}`.\n\n"
         f"Stage: `{module.hparams.stage}`, preset: `{module.hparams.preset}`. The decoder weights are the EMA weights.\n"
     )
+    dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     with module.ema_weights():
-        module.model.save_pretrained(args.out, model_card=card)
+        module.model.save_pretrained(args.out, model_card=card, dtype=dtype)
     print(f"wrote {args.out}")
     return 0
 
@@ -138,6 +139,8 @@ def _parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="Lightning checkpoint -> save_pretrained folder")
     exp.add_argument("--ckpt", required=True, help="a .ckpt written by multimodal fit")
     exp.add_argument("--out", required=True, help="output folder")
+    exp.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                     help="store the weights in this type (float16: half the size)")
     gen = sub.add_parser("generate", help="text -> image(s)")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="a save_pretrained folder (default: the shipped shapes model)")

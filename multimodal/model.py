@@ -91,17 +91,20 @@ class FoundationModel(nn.Module):
         return self.encoders.encode_image(self.normalize_pixels(images), normalize=normalize)
 
     # ---- persistence -------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path, model_card: str | None = None) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (+ ``README.md`` model card)."""
+    def save_pretrained(self, directory: str | Path, model_card: str | None = None, dtype: torch.dtype | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (+ ``README.md`` model card); ``dtype``
+        (e.g. ``torch.float16``) stores floating-point weights in that type (half the size);
+        ``from_pretrained`` loads them back into the model's own dtype."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory / CONFIG_NAME)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        cast = lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v  # noqa: E731
+        state = {k: cast(v.detach()).contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
         if model_card is not None:
             (directory / CARD_NAME).write_text(model_card)
         if self.decoder is not None:  # also in diffusers' own format, for diffusers users
-            self.decoder.save_diffusers(directory / DECODER_DIR)
+            self.decoder.save_diffusers(directory / DECODER_DIR, dtype=dtype)
         return directory
 
     @classmethod

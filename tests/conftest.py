@@ -20,7 +20,7 @@ def tiny_model() -> FoundationModel:
 ROOT = Path(__file__).resolve().parents[1]
 ALIGN = ROOT / "assets" / "configs" / "align.yaml"
 DECODER = ROOT / "assets" / "configs" / "decoder.yaml"
-JOINT = ROOT / "assets" / "configs" / "joint.yaml"
+JOINT = ROOT / "assets" / "configs" / "shapes.yaml"
 
 
 def scaled_config(tmp_path: Path, source: Path, every_n: int = 2, model: dict | None = None, **trainer) -> Path:

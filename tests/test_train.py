@@ -82,13 +82,13 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
             proc = subprocess.run([sys.executable, "-m", "multimodal.cli", "fit", "--config", str(killing)],
                                   cwd=run, capture_output=True, text=True, timeout=300, env=env)
             assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-            assert _ckpt_step(run / "runs/joint/checkpoints/last.ckpt") == 4
+            assert _ckpt_step(run / "runs/shapes/checkpoints/last.ckpt") == 4
             done = _cli("fit", "--config", str(cfg), "--ckpt_path", "last", cwd=run)
             assert "Restoring states from the checkpoint" in done.stderr + done.stdout
         else:
             done = _cli("fit", "--config", str(cfg), cwd=run)
         assert done.returncode == 0, done.stderr[-3000:]
-        finals[name] = torch.load(run / "runs/joint/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+        finals[name] = torch.load(run / "runs/shapes/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     a, b = finals["straight"], finals["killed"]
     assert a["global_step"] == b["global_step"] == 10
     assert a["state_dict"].keys() == b["state_dict"].keys()

@@ -63,9 +63,9 @@ def test_generate_names_bad_arguments(tmp_path):
 def test_joint_stage_trains_both_losses_through_one_text_pass(tmp_path):
     from conftest import ROOT
 
-    cfg = scaled_config(tmp_path, ROOT / "assets/configs/joint.yaml", max_steps=2,
+    cfg = scaled_config(tmp_path, ROOT / "assets/configs/shapes.yaml", max_steps=2,
                         model={"fidelity_images": 2, "fidelity_steps": 1})
     assert main(["fit", "--config", str(cfg)]) == 0
-    header, *rows = (tmp_path / "runs/joint/version_0/metrics.csv").read_text().splitlines()
+    header, *rows = (tmp_path / "runs/shapes/version_0/metrics.csv").read_text().splitlines()
     logged = {k for row in rows for k, v in zip(header.split(","), row.split(",")) if v}
     assert {"train/contrastive", "train/diffusion", "train/caption", "val/zero_shot_acc", "val/gen_cs_heldout", "val/caption_acc"} <= logged
