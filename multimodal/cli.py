@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 TRAIN_COMMANDS = ("fit", "validate", "test", "predict")
-USAGE = """usage: multimodal {fit,validate,test,predict,export,generate,classify,caption,complete,demo} ...
+USAGE = """usage: multimodal {fit,validate,test,predict,export,generate,classify,caption,complete,demo,probe} ...
 
   fit        train (LightningCLI: --config assets/configs/align.yaml; --print_config shows every option)
   validate   evaluate a checkpoint on the validation split (--ckpt_path)
@@ -21,8 +21,9 @@ USAGE = """usage: multimodal {fit,validate,test,predict,export,generate,classify
   caption    image(s) -> caption(s) (greedy, --num-beams, --sample)
   complete   text -> text (optionally about an image: --image)
   demo       the Gradio demo page (127.0.0.1:7860 by default)
+  probe      linear probe vs zero-shot vs k-shot prototypes on a labeled image folder
 
-generate, classify, caption, complete and demo take --model DIR (a save_pretrained folder);
+generate, classify, caption, complete, demo and probe take --model DIR (a save_pretrained folder);
 without it they use the shipped shapes model.
 """
 
@@ -126,6 +127,17 @@ def _complete(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe(args: argparse.Namespace) -> int:
+    from .adapt import labeled_folder, probe
+    from .pipeline import FoundationPipeline
+
+    paths, labels, classes = labeled_folder(args.data)
+    templates = args.templates or ["a {}", "a picture of a {}", "an image of a {}", "a drawing of a {}"]
+    pipe = FoundationPipeline.from_pretrained(_model_dir(args.model))
+    print(probe(pipe, [str(p) for p in paths], labels, classes, templates, args.test_fraction, args.shots, args.seed))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import launch
 
@@ -173,6 +185,13 @@ def _parser() -> argparse.ArgumentParser:
     com.add_argument("--max-new-tokens", type=int, default=16)
     com.add_argument("--num-beams", type=int, default=1)
     com.add_argument("--model", default=None, help="a save_pretrained folder (default: the shipped shapes model)")
+    prb = sub.add_parser("probe", help="linear probe / zero-shot / few-shot accuracy on a labeled folder")
+    prb.add_argument("--data", required=True, help="a folder with one subfolder of images per class (name: the class)")
+    prb.add_argument("--model", default=None, help="a save_pretrained folder (default: the shipped shapes model)")
+    prb.add_argument("--templates", nargs="*", default=None, help="zero-shot prompt templates with {}")
+    prb.add_argument("--test-fraction", type=float, default=0.5, help="share of each class held out for testing")
+    prb.add_argument("--shots", type=int, default=5, help="examples per class for the prototypes")
+    prb.add_argument("--seed", type=int, default=0)
     dem = sub.add_parser("demo", help="the Gradio demo page")
     dem.add_argument("--model", default=None, help="a save_pretrained folder (default: the shipped shapes model)")
     dem.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -193,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         commands = {
             "export": _export, "generate": _generate, "caption": _caption, "classify": _classify,
-            "complete": _complete, "demo": _demo,
+            "complete": _complete, "demo": _demo, "probe": _probe,
         }
         if argv[0] not in commands:
             print(f"multimodal: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)

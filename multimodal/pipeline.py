@@ -194,6 +194,19 @@ class FoundationPipeline:
         logits = self.model.encoders.logit_scale.exp() * self.embed_image(images) @ classes.T
         return logits.softmax(dim=-1)
 
+    def classify_few_shot(
+        self, images: ImageInput | Sequence[ImageInput], support: Sequence[ImageInput], support_labels: Sequence[int],
+    ) -> torch.Tensor:
+        """Few-shot class scores [B, C]: cosine similarity to each class's prototype (the mean
+        embedding of its labeled ``support`` images; labels are 0..C-1), no training."""
+        from .adapt import prototypes
+
+        if len(support) != len(support_labels) or not len(support):
+            raise ValueError(f"support and support_labels must be non-empty and as long as each other, got {len(support)} and {len(support_labels)}")
+        labels = torch.tensor(list(support_labels))
+        protos = prototypes(self.embed_image(list(support)).float().cpu(), labels, int(labels.max()) + 1)
+        return self.embed_image(images).float().cpu() @ protos.T
+
     # ---- language head ---------------------------------------------------------------------
     def _language(self) -> FoundationModel:
         if self.model.language is None:

@@ -10,6 +10,7 @@ Because the renderer knows the truth, ``analyze`` can score generated images exa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -242,3 +243,15 @@ def fidelity(images: list[Image.Image] | np.ndarray, truths: list[ShapeSample]) 
         cs.append(found is not None and (found.color, found.shape) == (truth.color, truth.shape))
         full.append(found == truth)
     return {"cs": cs, "full": full}
+
+
+def write_class_folder(root: str | Path, split: str = "val", count: int = 240, seed: int = 0) -> Path:
+    """Write ``count`` samples of ``split`` as ``root/<color>_<shape>/<index>.png`` (one
+    subfolder per class): the labeled-folder layout of ``multimodal probe``."""
+    root = Path(root)
+    for index in range(count):
+        image, _, sample = generate(seed, split, index)
+        folder = root / f"{sample.color}_{sample.shape}"
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"{index:05d}.png")
+    return root
