@@ -2,6 +2,6 @@
 
 from .config import PRESETS, FoundationConfig
 from .model import FoundationModel
-from .pipeline import FoundationPipeline
+from .pipeline import FoundationPipeline, GenerationOutput, PromptBlocked
 
-__all__ = ["FoundationConfig", "FoundationModel", "FoundationPipeline", "PRESETS"]
+__all__ = ["FoundationConfig", "FoundationModel", "FoundationPipeline", "GenerationOutput", "PRESETS", "PromptBlocked"]

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
+import re
+import warnings
+
 import numpy as np
 import torch
 from PIL import Image
@@ -23,18 +26,57 @@ ImageInput = Union[Image.Image, np.ndarray, torch.Tensor, str, Path]
 @dataclass
 class GenerationOutput:
     """``images``: list of PIL images, a numpy array [N, S, S, C] in [0, 1], or a tensor
-    [N, C, S, S] in [0, 1], by ``output_type``."""
+    [N, C, S, S] in [0, 1], by ``output_type``; ``flagged``: per image, whether the output
+    checker flagged it (flagged images are blacked out); None without a checker."""
 
     images: list[Image.Image] | np.ndarray | torch.Tensor
+    flagged: list[bool] | None = None
 
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+PromptFilter = Union[Sequence[str], Callable[[str], Union[bool, str]]]
+OutputChecker = Callable[[torch.Tensor], Sequence[bool]]
+
+
+class PromptBlocked(ValueError):
+    """A prompt refused by the pipeline's prompt filter."""
 
 
 class FoundationPipeline:
-    def __init__(self, model: FoundationModel, scheduler: str = "ddim"):
+    """Args:
+        model: a ``FoundationModel``.
+        scheduler: default sampling scheduler (``ddim``, ``dpm++``, ``euler``, ...).
+        prompt_filter: refuses prompts (generation and completion): a word list (whole words,
+            any case) or a callable returning True or a reason (str) for a prompt to refuse.
+        output_checker: a callable over generated images [N, C, S, S] in [0, 1] returning one
+            bool per image; flagged images are blacked out and reported in ``flagged``.
+    Generating with neither warns once per pipeline.
+    """
+
+    def __init__(
+        self, model: FoundationModel, scheduler: str = "ddim",
+        prompt_filter: PromptFilter | None = None, output_checker: OutputChecker | None = None,
+    ):
         self.model = model.eval()
         self.scheduler = scheduler
+        if prompt_filter is not None and not callable(prompt_filter):
+            words = [w.strip().lower() for w in prompt_filter if w.strip()]
+            if not words:
+                raise ValueError("prompt_filter: the word list is empty")
+            pattern = re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE)
+            prompt_filter = lambda text: (m := pattern.search(text)) is not None and f"word list: {m.group(0)!r}"  # noqa: E731
+        self.prompt_filter, self.output_checker = prompt_filter, output_checker
+        self._warned_unfiltered = False
+
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        """Raise ``PromptBlocked`` naming the filter (and its reason) for a refused prompt."""
+        if self.prompt_filter is None:
+            return
+        for prompt in prompts:
+            verdict = self.prompt_filter(prompt)
+            if verdict:
+                reason = verdict if isinstance(verdict, str) else getattr(self.prompt_filter, "__name__", "callable")
+                raise PromptBlocked(f"prompt refused by the prompt filter ({reason}): {prompt!r}")
 
     @torch.no_grad()
     def __call__(
@@ -89,6 +131,13 @@ class FoundationPipeline:
             generators = list(generator)
         else:
             generators = [generator] * n
+        self.check_prompts(prompts)
+        if self.prompt_filter is None and self.output_checker is None and not self._warned_unfiltered:
+            self._warned_unfiltered = True
+            warnings.warn(
+                "generating without a prompt filter or an output checker: pass prompt_filter= / "
+                "output_checker= to FoundationPipeline to refuse or flag content", UserWarning, stacklevel=2,
+            )
         repeat = lambda items: [x for x in items for _ in range(num_images_per_prompt)]  # noqa: E731
         cond = self.model.text_condition(repeat(prompts))
         uncond = self.model.text_condition(repeat(negatives))
@@ -97,12 +146,20 @@ class FoundationPipeline:
             num_inference_steps, guidance_scale, show_progress, callback_on_step_end,
         )
         images = (images.float() + 1) / 2  # [N, C, S, S] in [0, 1]
+        flagged = None
+        if self.output_checker is not None:
+            flagged = [bool(f) for f in self.output_checker(images.clamp(0, 1))]
+            if len(flagged) != len(images):
+                raise ValueError(f"output_checker returned {len(flagged)} verdicts for {len(images)} images")
+            if any(flagged):
+                warnings.warn(f"output checker flagged {sum(flagged)} of {len(flagged)} image(s); they are blacked out", UserWarning, stacklevel=2)
+                images[torch.tensor(flagged)] = 0
         if output_type == "pt":
-            return GenerationOutput(images.cpu())
+            return GenerationOutput(images.cpu(), flagged)
         array = images.permute(0, 2, 3, 1).cpu().numpy()
         if output_type == "np":
-            return GenerationOutput(array)
-        return GenerationOutput([Image.fromarray((a * 255).round().astype(np.uint8)) for a in array])
+            return GenerationOutput(array, flagged)
+        return GenerationOutput([Image.fromarray((a * 255).round().astype(np.uint8)) for a in array], flagged)
 
     @classmethod
     def from_pretrained(
@@ -261,6 +318,7 @@ class FoundationPipeline:
             states = self.model.image_tokens(self._pixels(images))
             if states.shape[0] != len(texts):
                 raise ValueError(f"images: need one image per text ({len(texts)}), got {states.shape[0]}")
+        self.check_prompts(texts)
         prompts = [self._prompt_ids(t) for t in texts]
         new = self._generate(prompts, states, args, generator)
         return [f"{t} {n}".strip() if n else t for t, n in zip(texts, new)]

@@ -69,3 +69,35 @@ def test_inference_commands(saved, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("multimodal.demo.SHIPPED_MODEL", tmp_path / "nowhere")
     assert main(["caption", str(png)]) == 2
     assert "no model folder" in capsys.readouterr().err
+
+
+def test_prompt_filter_output_checker_and_the_unfiltered_warning(saved):
+    import warnings
+
+    from multimodal import PromptBlocked
+
+    model = FoundationModel.from_pretrained(saved)
+    pipe = FoundationPipeline(model, prompt_filter=["forbidden", "bad word"])
+    with pytest.raises(PromptBlocked, match=r"prompt refused by the prompt filter \(word list: 'Bad Word'\)"):
+        pipe(["a red circle", "a Bad Word here"], num_inference_steps=1, show_progress=False)
+    with pytest.raises(PromptBlocked, match="word list"):
+        pipe.complete("something forbidden", max_new_tokens=1)
+    assert pipe.complete("forbiddenness is fine", max_new_tokens=1)  # whole words only
+
+    def no_circles(prompt: str) -> bool:
+        return "circle" in prompt
+
+    with pytest.raises(PromptBlocked, match=r"\(no_circles\)"):
+        FoundationPipeline(model, prompt_filter=no_circles)("a red circle", num_inference_steps=1, show_progress=False)
+
+    checked = FoundationPipeline(model, output_checker=lambda images: [i % 2 == 1 for i in range(len(images))])
+    with pytest.warns(UserWarning, match="flagged 1 of 2"):
+        out = checked("a red circle", num_inference_steps=1, num_images_per_prompt=2, output_type="pt", show_progress=False)
+    assert out.flagged == [False, True] and out.images[1].abs().sum() == 0 and out.images[0].abs().sum() > 0
+
+    plain = FoundationPipeline(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            plain("a red circle", num_inference_steps=1, show_progress=False)
+    assert sum("without a prompt filter" in str(w.message) for w in caught) == 1
