@@ -48,10 +48,13 @@ def _export(args: argparse.Namespace) -> int:
     step = torch.load(args.ckpt, map_location="cpu", weights_only=True).get("global_step")
     # init_from=None: the checkpoint holds every weight, so the run's starting folder is not needed
     module = FoundationModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True, init_from=None)
-    card = (
-        f"# {Path(args.out).name}\n\nExported from `{args.ckpt}` (global step {step}) "
-        f"with `multimodal export --ckpt {args.ckpt} --out {args.out}`.\n\n"
-        f"Stage: `{module.hparams.stage}`, preset: `{module.hparams.preset}`. The decoder weights are the EMA weights.\n"
+    from .card import model_card
+
+    card = model_card(
+        module.model.config, name=Path(args.out).name,
+        training=(f"Exported from `{args.ckpt}` (global step {step}) with `multimodal export --ckpt {args.ckpt} "
+                  f"--out {args.out}`; stage `{module.hparams.stage}`, preset `{module.hparams.preset}`; the decoder "
+                  "weights are the EMA weights."),
     )
     dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     with module.ema_weights():

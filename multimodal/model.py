@@ -92,7 +92,8 @@ class FoundationModel(nn.Module):
 
     # ---- persistence -------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, model_card: str | None = None, dtype: torch.dtype | None = None) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (+ ``README.md`` model card); ``dtype``
+        """Write ``config.json`` + ``model.safetensors`` + ``README.md`` (a model card: the one
+        given, else a default one in Hugging Face's format); ``dtype``
         (e.g. ``torch.float16``) stores floating-point weights in that type (half the size);
         ``from_pretrained`` loads them back into the model's own dtype."""
         directory = Path(directory)
@@ -101,8 +102,11 @@ class FoundationModel(nn.Module):
         cast = lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v  # noqa: E731
         state = {k: cast(v.detach()).contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        if model_card is not None:
-            (directory / CARD_NAME).write_text(model_card)
+        if model_card is None:
+            from .card import model_card as default_card
+
+            model_card = default_card(self.config)
+        (directory / CARD_NAME).write_text(model_card)
         if self.decoder is not None:  # also in diffusers' own format, for diffusers users
             self.decoder.save_diffusers(directory / DECODER_DIR, dtype=dtype)
         return directory

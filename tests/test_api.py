@@ -101,3 +101,31 @@ def test_prompt_filter_output_checker_and_the_unfiltered_warning(saved):
         for _ in range(2):
             plain("a red circle", num_inference_steps=1, show_progress=False)
     assert sum("without a prompt filter" in str(w.message) for w in caught) == 1
+
+
+def test_exported_model_card_lists_metrics_its_command_reproduces(tmp_path, capsys):
+    import json
+    import shlex
+
+    import yaml
+    from huggingface_hub import ModelCard
+
+    from conftest import ALIGN, scaled_config
+
+    assert main(["fit", "--config", str(scaled_config(tmp_path, ALIGN))]) == 0
+    card = ModelCard.load(tmp_path / "runs/align/model/README.md")
+    assert card.data.license == "apache-2.0" and "## Intended use" in card.text and "## Limitations" in card.text
+    assert "shapes" in card.text.split("## Training data")[1].split("##")[0]
+    listed = {k: float(v) for k, v in (row.strip("| ").split(" | ") for row in card.text.splitlines()
+                                      if row.startswith("| ") and not row.startswith(("| metric", "|---")))}
+    command = card.text.split("```bash\n")[1].split("\n```")[0]
+    assert command.startswith("multimodal test --config ")
+    capsys.readouterr()
+    assert main(shlex.split(command)[1:]) == 0
+    table = capsys.readouterr().out
+    reproduced = {m.group(1): float(m.group(2)) for m in __import__("re").finditer(r"test/(\S+)\s+│\s+([0-9.e-]+)", table)}
+    assert listed and set(listed) <= set(reproduced), (listed, reproduced)
+    assert all(abs(listed[k] - reproduced[k]) < 1e-3 for k in listed), (listed, reproduced)
+    saved = json.loads((tmp_path / "runs/align/model/config.json").read_text())
+    assert json.dumps(saved, indent=2) in card.text  # the config is in the card
+    assert yaml.safe_load(card.content.split("---")[1])["library_name"] == "multimodal-foundation"

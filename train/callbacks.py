@@ -106,9 +106,20 @@ class AlignmentReport(Callback):
             prediction_grid(feats["pixels"][:n], titles, truth, preds).save(png)
             lines.append(f"  wrote {png}")
         if self.export:
+            from multimodal.card import describe_data, model_card
+
+            measured = {k: v for k, v in metrics.items() if k != "global_step"}
             with pl_module.ema_weights():
                 for target in [out_dir / "model"] + ([Path(self.export_to)] if self.export_to else []):
-                    pl_module.model.save_pretrained(target)
+                    card = model_card(
+                        pl_module.model.config, name=f"{trainer.logger.name if trainer.logger else 'model'} (step {trainer.global_step})",
+                        data=describe_data(dm), metrics=measured,
+                        command=f"multimodal test --config {out_dir / 'config.yaml'} --model.init_from {target}",
+                        training=(f"`multimodal fit` stage `{pl_module.hparams.stage}`, preset `{pl_module.hparams.preset}`, "
+                                  f"{trainer.global_step} steps; the run's resolved config is `{out_dir / 'config.yaml'}`. "
+                                  "Metrics are on the held-out validation split, with the EMA decoder."),
+                    )
+                    pl_module.model.save_pretrained(target, model_card=card)
                     lines.append(f"  saved model to {target} (FoundationPipeline.from_pretrained)")
         print("\n".join(lines), file=sys.stdout, flush=True)
         pl_module.train(was_training)

@@ -1,0 +1,99 @@
+"""Model cards in Hugging Face's ``ModelCard`` format (YAML metadata + markdown), written beside
+every ``save_pretrained`` folder so that whoever receives the weights also receives what they
+were trained on, how well they do (with the command that measures it) and what they are not for."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .config import FoundationConfig
+
+DEFAULT_USE = (
+    "Research and experimentation with jointly trained text+image models: zero-shot "
+    "classification and retrieval in the shared space, text-to-image generation, captioning and "
+    "text completion, and as a starting point for fine-tuning."
+)
+DEFAULT_LIMITS = (
+    "The model knows only what its training data shows; inputs unlike that data give unreliable "
+    "outputs. Generated images and texts can reproduce biases of the data. It has no built-in "
+    "content safety: pass `prompt_filter=` / `output_checker=` to `FoundationPipeline` before "
+    "exposing generation to others. Not for decisions about people."
+)
+
+
+def model_card(
+    config: FoundationConfig,
+    name: str = "multimodal-foundation model",
+    data: str = "Not described: say what the model was trained on.",
+    metrics: dict[str, float] | None = None,
+    command: str | None = None,
+    training: str | None = None,
+    intended_use: str = DEFAULT_USE,
+    limitations: str = DEFAULT_LIMITS,
+    license: str = "apache-2.0",
+) -> str:
+    """The ``README.md`` text of a model folder; ``metrics`` are listed with the ``command`` that
+    reproduces them."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    heads = [h for h, present in (("diffusion decoder", config.decoder), ("language head", config.language)) if present]
+    meta = ModelCardData(
+        license=license, library_name="multimodal-foundation",
+        tags=["clip", "contrastive", "text-to-image", "image-captioning", "multimodal"],
+    )
+    if metrics:
+        rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
+        measured = f"| metric | value |\n|---|---|\n{rows}\n\nReproduce with:\n\n```bash\n{command}\n```"
+    else:
+        measured = "Not measured yet. Measure on a held-out split with `multimodal test --config <run config> --model.init_from <this folder>`."
+    body = f"""---
+{meta.to_yaml()}
+---
+
+# {name}
+
+Shared text and image encoders aligned in one embedding space{', with a ' + ' and a '.join(heads) + ' on the same text encoder' if heads else ''}
+(multimodal-foundation). Load with `FoundationPipeline.from_pretrained("<this folder>")`.
+
+## Training data
+
+{data}
+
+## Training
+
+{training or "Not described."}
+
+## Metrics
+
+{measured}
+
+## Intended use
+
+{intended_use}
+
+## Limitations
+
+{limitations}
+
+## License
+
+{license}
+
+## Config
+
+```json
+{json.dumps(config.to_dict(), indent=2)}
+```
+"""
+    return str(ModelCard(body))
+
+
+def describe_data(datamodule: Any) -> str:
+    """A data description from a ``FoundationDataModule`` (source, path, sizes)."""
+    source = getattr(datamodule, "source", "unknown")
+    if source == "shapes":
+        return ("The embedded procedural captioned-shapes data (`data.source: shapes`): one shape in one "
+                "of six colors, two sizes and five positions per 32x32 image, four caption templates; "
+                "24 color+shape combinations are held out of training for evaluation.")
+    return f"`data.source: {source}`, `data.path: {getattr(datamodule, 'path', None)}`."
