@@ -178,10 +178,9 @@ def _read_text_file(path: Path) -> bytes | None:
         return None
 
 
-def folder_records(root: Path) -> tuple[list[tuple[Any, Any]], str]:
-    """(image path, caption) records of a folder and the caption format found: ``jsonl``
-    (``metadata.jsonl``), ``csv`` (``metadata.csv``) or ``txt`` (same-name ``.txt`` per image,
-    read lazily as bytes so that the UTF-8 check happens per sample)."""
+def folder_records(root: Path) -> list[tuple[Any, Any]]:
+    """(image path, caption) records of a folder, from ``metadata.jsonl``, else ``metadata.csv``,
+    else a same-name ``.txt`` per image (read lazily as bytes, so the UTF-8 check is per sample)."""
     jsonl, table = root / "metadata.jsonl", root / "metadata.csv"
     records: list[tuple[Any, Any]] = []
     if jsonl.is_file():
@@ -193,7 +192,7 @@ def folder_records(root: Path) -> tuple[list[tuple[Any, Any]], str]:
                 records.append((root / row["file_name"], row.get("text")))
             except (ValueError, KeyError, TypeError):
                 records.append((None, BadSample("bad_metadata")))
-        return records, "jsonl"
+        return records
     if table.is_file():
         with table.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
             reader = csv.DictReader(f)
@@ -202,9 +201,9 @@ def folder_records(root: Path) -> tuple[list[tuple[Any, Any]], str]:
             for row in reader:
                 name = row.get("file_name")
                 records.append((root / name if name else None, row.get("text")))
-        return records, "csv"
+        return records
     images = sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and p.is_file())
-    return [(p, p.with_suffix(".txt")) for p in images], "txt"
+    return [(p, p.with_suffix(".txt")) for p in images]
 
 
 def _folder_caption(caption: Any) -> Any:
@@ -453,11 +452,11 @@ class FoundationDataModule(L.LightningDataModule):
         return order[n_val:], order[:n_val]
 
     def _setup_folder(self) -> None:
-        records, _ = folder_records(Path(self.path))
+        records = folder_records(Path(self.path))
         if not records:
             raise ValueError(f"data.path: no images or metadata found in {self.path}")
         if self.val_path is not None:
-            train, (val, _) = records, folder_records(Path(self.val_path))
+            train, val = records, folder_records(Path(self.val_path))
         else:
             train_idx, val_idx = self._split(len(records))
             train, val = [records[i] for i in sorted(train_idx)], [records[i] for i in sorted(val_idx)]

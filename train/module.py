@@ -343,7 +343,6 @@ class FoundationModule(L.LightningModule):
         skipped = ", ".join(f"{totals[k]} {k}" for k in SKIPPED + DROPPED if totals[k]) or "none"
         fixed = ", ".join(f"{totals[k]} {k}" for k in FIXED if totals[k]) or "none"
         rank_zero_info(f"data, epoch {self.current_epoch}: {totals['used']} samples used; skipped: {skipped}; fixed: {fixed}")
-        self.last_data_report = totals
         self.data_issues.clear()
         self.samples_seen = 0
 
