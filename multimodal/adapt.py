@@ -14,6 +14,9 @@ from .pipeline import FoundationPipeline, ImageInput
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
+# The zero-shot prompt ensemble used when none is given (CLI, class-folder validation).
+DEFAULT_TEMPLATES = ("a {}", "a picture of a {}", "an image of a {}", "a drawing of a {}")
+
 
 def prototypes(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Class prototypes [C, E]: the normalized mean of each class's (normalized) embeddings."""
@@ -60,20 +63,22 @@ class ProbeReport:
         return "\n".join(lines + [f"  {name + ':':<20} {acc:.4f}" for name, acc in rows])
 
 
-def labeled_folder(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
-    """Images of a folder with one subfolder per class; class names are the subfolder names
-    with ``_`` read as a space."""
+def labeled_folder(root: str | Path, what: str = "--data", max_per_class: int | None = None) -> tuple[list[Path], list[int], list[str]]:
+    """Images of a folder with one subfolder per class (at most ``max_per_class`` each, in name
+    order); class names are the subfolder names with ``_`` read as a space."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"--data: not a folder: {root}")
+        raise FileNotFoundError(f"{what}: not a folder: {root}")
+    if max_per_class is not None and max_per_class < 1:
+        raise ValueError(f"the number of examples per class must be at least 1, got {max_per_class}")
     folders = sorted(p for p in root.iterdir() if p.is_dir())
     paths, labels = [], []
     for i, folder in enumerate(folders):
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:max_per_class]
         paths += files
         labels += [i] * len(files)
     if len(folders) < 2 or not paths:
-        raise ValueError(f"--data: {root} needs at least two class subfolders with images")
+        raise ValueError(f"{what}: {root} needs at least two class subfolders with images")
     return paths, labels, [f.name.replace("_", " ") for f in folders]
 
 

@@ -97,3 +97,11 @@ def describe_data(datamodule: Any) -> str:
                 "of six colors, two sizes and five positions per 32x32 image, four caption templates; "
                 "24 color+shape combinations are held out of training for evaluation.")
     return f"`data.source: {source}`, `data.path: {getattr(datamodule, 'path', None)}`."
+
+
+def lora_summary(adapter: Any, base_model: str | None) -> str:
+    """Card text for a LoRA adapter folder: what it adapts and which base it needs."""
+    return (f"\n\nThis folder is a **LoRA adapter** (r={adapter.r}, alpha={adapter.alpha}) on the "
+            f"{', '.join(adapter.components)} component(s) of the base model `{base_model}`; it holds only the adapter "
+            "weights. `FoundationPipeline.from_pretrained(\"<this folder>\")` loads the base, checks its sha256, then the "
+            "adapter; `multimodal merge --adapter <this folder> --out DIR` writes a merged full model.")

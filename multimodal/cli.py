@@ -9,22 +9,24 @@ import sys
 from pathlib import Path
 
 TRAIN_COMMANDS = ("fit", "validate", "test", "predict")
-USAGE = """usage: multimodal {fit,validate,test,predict,export,generate,classify,caption,complete,demo,probe} ...
+USAGE = """usage: multimodal {fit,validate,test,predict,export,merge,generate,classify,caption,complete,demo,probe} ...
 
   fit        train (LightningCLI: --config assets/configs/align.yaml; --print_config shows every option)
   validate   evaluate a checkpoint on the validation split (--ckpt_path)
   test       same metrics on the held-out split (--ckpt_path)
   predict    run prediction (--ckpt_path)
-  export     Lightning checkpoint -> save_pretrained folder (decoder/ also in diffusers' format)
+  export     Lightning checkpoint -> save_pretrained folder (decoder/ also in diffusers' format; LoRA runs: the adapter)
+  merge      LoRA adapter + its base model -> a merged full model
   generate   text -> image(s)
-  classify   image(s) + labels -> zero-shot probabilities
+  classify   image(s) + labels -> zero-shot probabilities (--support FOLDER: few-shot from examples)
   caption    image(s) -> caption(s) (greedy, --num-beams, --sample)
   complete   text -> text (optionally about an image: --image)
   demo       the Gradio demo page (127.0.0.1:7860 by default)
   probe      linear probe vs zero-shot vs k-shot prototypes on a labeled image folder
 
 generate, classify, caption, complete, demo and probe take --model DIR (a save_pretrained folder);
-without it they use the shipped shapes model.
+without it they use the shipped shapes model. --adapter DIR puts a LoRA adapter on it (leave it out: the
+base alone).
 """
 
 
@@ -38,6 +40,19 @@ def _model_dir(model: str | None) -> Path:
     return directory
 
 
+def _pipeline(args: argparse.Namespace, **kwargs):
+    """The pipeline of ``--model`` (default: the shipped model), with ``--adapter`` on it; an
+    adapter alone brings its recorded base model."""
+    from .pipeline import FoundationPipeline
+
+    adapter = getattr(args, "adapter", None)
+    if adapter is not None and not Path(adapter).is_dir():
+        raise FileNotFoundError(f"--adapter: no adapter folder at {adapter}")
+    if adapter is not None and args.model is None:
+        return FoundationPipeline.from_pretrained(adapter, **kwargs)
+    return FoundationPipeline.from_pretrained(_model_dir(args.model), adapter=adapter, **kwargs)
+
+
 def _export(args: argparse.Namespace) -> int:
     from train.module import FoundationModule
 
@@ -45,7 +60,9 @@ def _export(args: argparse.Namespace) -> int:
 
     if not Path(args.ckpt).is_file():
         raise FileNotFoundError(f"--ckpt not found: {args.ckpt}")
-    step = torch.load(args.ckpt, map_location="cpu", weights_only=True).get("global_step")
+    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+    step, base = ckpt.get("global_step"), (ckpt.get("hyper_parameters") or {}).get("init_from")
+    del ckpt
     # init_from=None: the checkpoint holds every weight, so the run's starting folder is not needed
     module = FoundationModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True, init_from=None)
     from .card import model_card
@@ -57,8 +74,19 @@ def _export(args: argparse.Namespace) -> int:
                   "weights are the EMA weights."),
     )
     dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    model = module.model
+    if model.adapter is not None and not args.merge:  # a LoRA run: the adapter alone
+        from . import lora
+
+        if base is not None and lora.is_adapter_folder(base):
+            base = str(lora.resolve_base(base))
+        model.save_adapter(args.out, base_model=base, card=card)
+        print(f"wrote the LoRA adapter to {args.out} (base: {base}; --merge writes a full model instead)")
+        return 0
+    if model.adapter is not None:
+        model.merge_adapter()
     with module.ema_weights():
-        module.model.save_pretrained(args.out, model_card=card, dtype=dtype)
+        model.save_pretrained(args.out, model_card=card, dtype=dtype)
     print(f"wrote {args.out}")
     return 0
 
@@ -68,7 +96,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from .pipeline import FoundationPipeline
 
-    pipe = FoundationPipeline.from_pretrained(_model_dir(args.model), scheduler=args.scheduler)
+    pipe = _pipeline(args, scheduler=args.scheduler)
     out = pipe(
         args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
         num_images_per_prompt=args.num_images,
@@ -91,7 +119,7 @@ def _caption(args: argparse.Namespace) -> int:
     for image in args.images:
         if not Path(image).is_file():
             raise FileNotFoundError(f"image not found: {image}")
-    pipe = FoundationPipeline.from_pretrained(_model_dir(args.model))
+    pipe = _pipeline(args)
     captions = pipe.caption(
         args.images, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.sample,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=torch.Generator().manual_seed(args.seed),
@@ -102,17 +130,26 @@ def _caption(args: argparse.Namespace) -> int:
 
 
 def _classify(args: argparse.Namespace) -> int:
-    from .pipeline import FoundationPipeline
-
     for image in args.images:
         if not Path(image).is_file():
             raise FileNotFoundError(f"image not found: {image}")
-    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
-    if len(labels) < 2:
-        raise ValueError(f"--labels: give at least two comma-separated labels, got {args.labels!r}")
-    templates = args.templates or ["a {}", "a picture of a {}", "an image of a {}", "a drawing of a {}"]
-    pipe = FoundationPipeline.from_pretrained(_model_dir(args.model))
-    probs = pipe.classify(args.images, labels, templates=templates)
+    if (args.labels is None) == (args.support is None):
+        raise ValueError("give --labels (zero-shot) or --support (few-shot from labeled examples), not both or neither")
+    pipe = _pipeline(args)
+    if args.support is not None:  # few-shot: class prototypes from k examples per class
+        from .adapt import labeled_folder
+
+        paths, support_labels, labels = labeled_folder(args.support, what="--support", max_per_class=args.shots)
+        scores = pipe.classify_few_shot(args.images, [str(p) for p in paths], support_labels)
+        probs = (pipe.model.encoders.logit_scale.exp().float().cpu() * scores).softmax(-1)
+    else:
+        from .adapt import DEFAULT_TEMPLATES
+
+        labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+        if len(labels) < 2:
+            raise ValueError(f"--labels: give at least two comma-separated labels, got {args.labels!r}")
+        templates = args.templates or DEFAULT_TEMPLATES
+        probs = pipe.classify(args.images, labels, templates=templates)
     for image, row in zip(args.images, probs):
         best = sorted(zip(labels, row.tolist()), key=lambda x: -x[1])[: args.top]
         print(f"{image}\t" + "\t".join(f"{label} {p:.3f}" for label, p in best))
@@ -124,27 +161,50 @@ def _complete(args: argparse.Namespace) -> int:
 
     if args.image is not None and not Path(args.image).is_file():
         raise FileNotFoundError(f"--image not found: {args.image}")
-    pipe = FoundationPipeline.from_pretrained(_model_dir(args.model))
+    pipe = _pipeline(args)
     images = [args.image] if args.image is not None else None
     print(pipe.complete([args.text], images=images, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)[0])
     return 0
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from .adapt import labeled_folder, probe
+    from .adapt import DEFAULT_TEMPLATES, labeled_folder, probe
     from .pipeline import FoundationPipeline
 
     paths, labels, classes = labeled_folder(args.data)
-    templates = args.templates or ["a {}", "a picture of a {}", "an image of a {}", "a drawing of a {}"]
-    pipe = FoundationPipeline.from_pretrained(_model_dir(args.model))
+    templates = args.templates or DEFAULT_TEMPLATES
+    pipe = _pipeline(args)
     print(probe(pipe, [str(p) for p in paths], labels, classes, templates, args.test_fraction, args.shots, args.seed))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from .card import lora_summary
+
+    pipe = _pipeline(args)
+    adapter = pipe.model.adapter
+    base = adapter.base_model if args.model is None else args.model
+    pipe.merge_adapter()
+    card = None
+    source_card = Path(args.adapter) / "README.md"
+    if source_card.is_file():  # keep what the adapter's card says (data, metrics), and say it is merged now
+        card = source_card.read_text() + (f"\n\n## Merged\n\nThis folder is the adapter `{args.adapter}` merged into "
+                                          f"`{base}` with `multimodal merge`: a full model.{lora_summary(adapter, base)}")
+    dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    pipe.model.save_pretrained(args.out, model_card=card, dtype=dtype)
+    print(f"wrote {args.out} (the adapter merged into {base})")
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import launch
 
-    launch(_model_dir(args.model), host=args.host, port=args.port)
+    if args.adapter is not None and args.model is None:  # the adapter on the base it records
+        launch(args.adapter, host=args.host, port=args.port)
+    else:
+        launch(_model_dir(args.model), host=args.host, port=args.port, adapter=args.adapter)
     return 0
 
 
@@ -156,9 +216,16 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="output folder")
     exp.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                      help="store the weights in this type (float16: half the size)")
+    exp.add_argument("--merge", action="store_true", help="LoRA runs: write the adapter merged into a full model")
+    mrg = sub.add_parser("merge", help="LoRA adapter + its base -> a merged full model")
+    mrg.add_argument("--adapter", required=True, help="an adapter folder (written by a fit with --model.lora)")
+    mrg.add_argument("--model", default=None, help="the base model folder (default: the one the adapter records)")
+    mrg.add_argument("--out", required=True, help="output folder")
+    mrg.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     gen = sub.add_parser("generate", help="text -> image(s)")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="a save_pretrained folder (default: the shipped shapes model)")
+    gen.add_argument("--adapter", default=None, help="a LoRA adapter folder to apply (alone: on the base it records)")
     gen.add_argument("--out", default="image.png")
     gen.add_argument("--negative", default=None, help="negative prompt")
     gen.add_argument("--steps", type=int, default=25)
@@ -169,6 +236,7 @@ def _parser() -> argparse.ArgumentParser:
     cap = sub.add_parser("caption", help="image(s) -> caption(s)")
     cap.add_argument("images", nargs="+", help="image file(s)")
     cap.add_argument("--model", default=None, help="a save_pretrained folder (default: the shipped shapes model)")
+    cap.add_argument("--adapter", default=None, help="a LoRA adapter folder to apply (alone: on the base it records)")
     cap.add_argument("--max-new-tokens", type=int, default=16)
     cap.add_argument("--num-beams", type=int, default=1)
     cap.add_argument("--sample", action="store_true", help="sample instead of greedy / beam search")
@@ -178,25 +246,31 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("--seed", type=int, default=0)
     cls = sub.add_parser("classify", help="image(s) + labels -> probabilities")
     cls.add_argument("images", nargs="+", help="image file(s)")
-    cls.add_argument("--labels", required=True, help="comma-separated class names, e.g. 'red circle, blue square'")
+    cls.add_argument("--labels", default=None, help="zero-shot: comma-separated class names, e.g. 'red circle, blue square'")
+    cls.add_argument("--support", default=None, help="few-shot instead: a folder with one subfolder of example images per class")
+    cls.add_argument("--shots", type=int, default=None, help="with --support: use at most this many examples per class")
     cls.add_argument("--templates", nargs="*", default=None, help="prompt templates with {} (default: the shapes caption templates)")
     cls.add_argument("--top", type=int, default=3, help="how many labels to print per image")
     cls.add_argument("--model", default=None, help="a save_pretrained folder (default: the shipped shapes model)")
+    cls.add_argument("--adapter", default=None, help="a LoRA adapter folder to apply (alone: on the base it records)")
     com = sub.add_parser("complete", help="text -> text")
     com.add_argument("text")
     com.add_argument("--image", default=None, help="complete the text about this image")
     com.add_argument("--max-new-tokens", type=int, default=16)
     com.add_argument("--num-beams", type=int, default=1)
     com.add_argument("--model", default=None, help="a save_pretrained folder (default: the shipped shapes model)")
+    com.add_argument("--adapter", default=None, help="a LoRA adapter folder to apply (alone: on the base it records)")
     prb = sub.add_parser("probe", help="linear probe / zero-shot / few-shot accuracy on a labeled folder")
     prb.add_argument("--data", required=True, help="a folder with one subfolder of images per class (name: the class)")
     prb.add_argument("--model", default=None, help="a save_pretrained folder (default: the shipped shapes model)")
+    prb.add_argument("--adapter", default=None, help="a LoRA adapter folder to apply (alone: on the base it records)")
     prb.add_argument("--templates", nargs="*", default=None, help="zero-shot prompt templates with {}")
     prb.add_argument("--test-fraction", type=float, default=0.5, help="share of each class held out for testing")
     prb.add_argument("--shots", type=int, default=5, help="examples per class for the prototypes")
     prb.add_argument("--seed", type=int, default=0)
     dem = sub.add_parser("demo", help="the Gradio demo page")
     dem.add_argument("--model", default=None, help="a save_pretrained folder (default: the shipped shapes model)")
+    dem.add_argument("--adapter", default=None, help="a LoRA adapter folder to apply (alone: on the base it records)")
     dem.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     dem.add_argument("--port", type=int, default=7860)
     return parser
@@ -214,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             run_cli(argv)
             return 0
         commands = {
-            "export": _export, "generate": _generate, "caption": _caption, "classify": _classify,
+            "export": _export, "merge": _merge, "generate": _generate, "caption": _caption, "classify": _classify,
             "complete": _complete, "demo": _demo, "probe": _probe,
         }
         if argv[0] not in commands:

@@ -224,11 +224,13 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
 
 
 def launch(model: str | Path | None = None, host: str = "127.0.0.1", port: int | None = None,
-           limits: DemoLimits = DemoLimits(), prevent_thread_lock: bool = False, quiet: bool = False):
-    """Load the model (default: the shipped shapes model) and serve the page. Returns the
-    ``gr.Blocks`` (its ``local_url`` tells where it runs; ``close()`` stops it)."""
+           limits: DemoLimits = DemoLimits(), prevent_thread_lock: bool = False, quiet: bool = False,
+           adapter: str | Path | None = None):
+    """Load the model (default: the shipped shapes model; a LoRA adapter folder brings its base),
+    optionally with a LoRA ``adapter`` on it, and serve the page. Returns the ``gr.Blocks`` (its
+    ``local_url`` tells where it runs; ``close()`` stops it)."""
     directory = Path(model) if model is not None else SHIPPED_MODEL
-    pipe = FoundationPipeline.from_pretrained(directory, scheduler="dpm++")
+    pipe = FoundationPipeline.from_pretrained(directory, scheduler="dpm++", adapter=adapter)
     demo = build_demo(pipe, limits)
     demo.launch(
         server_name=host, server_port=port, share=False, max_file_size=limits.max_file_size,

@@ -17,6 +17,8 @@ from encoders.tokenizer import Tokenizer
 
 from .config import FoundationConfig
 from .language import LanguageHead
+from . import lora
+from .lora import AdapterConfig
 
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, DECODER_DIR = "config.json", "model.safetensors", "README.md", "decoder"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -36,6 +38,7 @@ class FoundationModel(nn.Module):
             else None
         )
         self.tokenizer = Tokenizer(config.text.context_length)
+        self.adapter: AdapterConfig | None = None  # set while a LoRA adapter is injected (multimodal.lora)
         self.register_buffer("pixel_mean", torch.tensor(config.image.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.image.std).view(1, -1, 1, 1), persistent=False)
 
@@ -96,6 +99,11 @@ class FoundationModel(nn.Module):
         given, else a default one in Hugging Face's format); ``dtype``
         (e.g. ``torch.float16``) stores floating-point weights in that type (half the size);
         ``from_pretrained`` loads them back into the model's own dtype."""
+        if self.adapter is not None:
+            raise ValueError(
+                "this model has a LoRA adapter: save_adapter() writes the adapter alone; merge_adapter() "
+                "(fold it in) or unload_adapter() (drop it) before save_pretrained()"
+            )
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory / CONFIG_NAME)
@@ -139,6 +147,31 @@ class FoundationModel(nn.Module):
             )
         model.load_state_dict(state, strict=True)
         return model.eval()
+
+    # ---- LoRA adapters (multimodal.lora) ---------------------------------------------------------
+    def add_adapter(self, config: AdapterConfig) -> "FoundationModel":
+        """Inject fresh LoRA layers into ``config.components`` (outputs unchanged until trained)."""
+        lora.add_adapter(self, config)
+        return self
+
+    def load_adapter(self, directory: str | Path) -> "FoundationModel":
+        """Inject a saved adapter (``save_adapter`` folder) into this model."""
+        lora.load_adapter(self, directory)
+        return self
+
+    def save_adapter(self, directory: str | Path, base_model: str | Path | None = None, card: str | None = None) -> Path:
+        """Write the adapter weights alone, with a reference to ``base_model`` (a folder)."""
+        return lora.save_adapter(self, directory, base_model, card)
+
+    def merge_adapter(self) -> "FoundationModel":
+        """Fold the adapter into the weights: a plain model again (``save_pretrained`` works)."""
+        lora.merge_adapter(self)
+        return self
+
+    def unload_adapter(self) -> "FoundationModel":
+        """Remove the adapter without merging: the base weights, bit for bit."""
+        lora.unload_adapter(self)
+        return self
 
     @classmethod
     def from_open_clip(

@@ -164,15 +164,42 @@ class FoundationPipeline:
     @classmethod
     def from_pretrained(
         cls, directory: str | Path, device: str | torch.device = "cpu", scheduler: str = "ddim",
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None, adapter: str | Path | None = None,
     ) -> "FoundationPipeline":
         """Load a ``save_pretrained`` folder (safetensors only: pickle files are refused) onto
-        ``device``, optionally in ``dtype`` (e.g. ``torch.bfloat16`` on GPUs)."""
-        return cls(FoundationModel.from_pretrained(directory), scheduler).to(device, dtype)
+        ``device``, optionally in ``dtype`` (e.g. ``torch.bfloat16`` on GPUs). ``directory`` may
+        also be a LoRA adapter folder (its recorded base model is loaded under it), and
+        ``adapter`` a LoRA adapter folder to load onto the model ``directory``."""
+        from . import lora
+
+        if lora.is_adapter_folder(directory) and adapter is None:
+            directory, adapter = lora.resolve_base(directory), directory
+        elif adapter is not None:
+            lora.resolve_base(adapter, base=directory)  # the adapter must have been trained on this base
+        model = FoundationModel.from_pretrained(directory)
+        if adapter is not None:
+            model.load_adapter(adapter)
+        return cls(model, scheduler).to(device, dtype)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (+ the decoder in diffusers' format)."""
         return self.model.save_pretrained(directory)
+
+    def load_adapter(self, directory: str | Path) -> "FoundationPipeline":
+        """Put a LoRA adapter (a ``save_adapter`` folder, trained on this base) on the model."""
+        self.model.load_adapter(directory)
+        self.model.to(self.device, self.dtype).eval()
+        return self
+
+    def unload_adapter(self) -> "FoundationPipeline":
+        """Take the adapter off: the base model again, bit for bit."""
+        self.model.unload_adapter()
+        return self
+
+    def merge_adapter(self) -> "FoundationPipeline":
+        """Fold the adapter into the weights (base speed; ``save_pretrained`` then writes it whole)."""
+        self.model.merge_adapter()
+        return self
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "FoundationPipeline":
         """Move the model to ``device`` and/or cast its weights to ``dtype``; inputs follow."""

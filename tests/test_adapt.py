@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 
@@ -39,3 +40,18 @@ def test_probe_command_on_the_shapes_validation_split(tmp_path, capsys):
     acc = {k: float(v) for k, v in re.findall(r"(linear probe|zero-shot|5-shot prototypes):\s+([0-9.]+)", out)}
     assert set(acc) == {"linear probe", "zero-shot", "5-shot prototypes"}, out
     assert acc["linear probe"] >= acc["zero-shot"]
+
+
+def test_few_shot_classify_command(tmp_path, capsys):
+    """multimodal classify --support: class prototypes from k labeled examples per class."""
+    if not (SHIPPED_MODEL / "model.safetensors").is_file():
+        return
+    support = write_class_folder(tmp_path / "support", "val", count=96)
+    queries = write_class_folder(tmp_path / "queries", "val", count=24, seed=5)
+    images = sorted(str(p) for p in queries.rglob("*.png"))
+    assert main(["classify", *images, "--support", str(support), "--shots", "2", "--top", "1"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    hits = [Path(path).parent.name.replace("_", " ") == row.split("\t")[1].rsplit(" ", 1)[0] for path, row in zip(images, rows)]
+    assert len(rows) == 24 and sum(hits) >= 22, rows
+    assert main(["classify", images[0]]) == 2  # neither --labels nor --support
+    assert "give --labels" in capsys.readouterr().err

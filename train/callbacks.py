@@ -91,9 +91,7 @@ class AlignmentReport(Callback):
 
         prompts = dm.zero_shot_prompts()
         if prompts is not None:
-            from train.shapes import class_names
-
-            names = class_names()
+            names = dm.classes
             with trainer.precision_plugin.forward_context():
                 weights = zero_shot_weights(pl_module.model, prompts).to(feats["image"].device)
             n = min(self.num_images, len(feats["image"]))
@@ -106,7 +104,7 @@ class AlignmentReport(Callback):
             prediction_grid(feats["pixels"][:n], titles, truth, preds).save(png)
             lines.append(f"  wrote {png}")
         if self.export:
-            from multimodal.card import describe_data, model_card
+            from multimodal.card import describe_data, lora_summary, model_card
 
             measured = {k: v for k, v in metrics.items() if k != "global_step"}
             with pl_module.ema_weights():
@@ -117,10 +115,16 @@ class AlignmentReport(Callback):
                         command=f"multimodal test --config {out_dir / 'config.yaml'} --model.init_from {target}",
                         training=(f"`multimodal fit` stage `{pl_module.hparams.stage}`, preset `{pl_module.hparams.preset}`, "
                                   f"{trainer.global_step} steps; the run's resolved config is `{out_dir / 'config.yaml'}`. "
-                                  "Metrics are on the held-out validation split, with the EMA decoder."),
+                                  "Metrics are on the held-out validation split, with the EMA decoder."
+                                  + (lora_summary(pl_module.model.adapter, pl_module.base_model) if pl_module.model.adapter else "")),
                     )
-                    pl_module.model.save_pretrained(target, model_card=card)
-                    lines.append(f"  saved model to {target} (FoundationPipeline.from_pretrained)")
+                    if pl_module.model.adapter is not None:  # the adapter alone, with its base's name and hash
+                        pl_module.model.save_adapter(target, base_model=pl_module.base_model, card=card)
+                        lines.append(f"  saved the LoRA adapter to {target} (base: {pl_module.base_model}; "
+                                     "FoundationPipeline.from_pretrained loads both)")
+                    else:
+                        pl_module.model.save_pretrained(target, model_card=card)
+                        lines.append(f"  saved model to {target} (FoundationPipeline.from_pretrained)")
         print("\n".join(lines), file=sys.stdout, flush=True)
         pl_module.train(was_training)
 

@@ -40,6 +40,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 
+from multimodal.adapt import DEFAULT_TEMPLATES
+
 from . import shapes
 
 SOURCES = ("shapes", "folder", "webdataset", "hf")
@@ -214,8 +216,8 @@ def _folder_caption(caption: Any) -> Any:
 class FolderDataset(Dataset):
     """Items from ``folder_records``, read through ``SampleReader``."""
 
-    def __init__(self, records: list[tuple[Any, Any]], reader: SampleReader):
-        self.records, self.reader = records, reader
+    def __init__(self, records: list[tuple[Any, Any]], reader: SampleReader, labels: list[int] | None = None):
+        self.records, self.reader, self.labels = records, reader, labels
 
     def __len__(self) -> int:
         return len(self.records)
@@ -224,7 +226,10 @@ class FolderDataset(Dataset):
         image, caption = self.records[index]
         if isinstance(caption, BadSample):  # a metadata line that could not be parsed
             return {"bad": caption.kind}
-        return self.reader(image, _folder_caption(caption))
+        item = self.reader(image, _folder_caption(caption))
+        if self.labels is not None and "bad" not in item:
+            item["label"] = self.labels[index]
+        return item
 
 
 def hf_dataset(path: str, split: str, name: str | None, image_column: str) -> Any:
@@ -365,6 +370,9 @@ class FoundationDataModule(L.LightningDataModule):
             (0: off), samples per epoch.
         train_size / val_size: number of generated samples (``shapes``); ``val_size`` also caps
             the ``webdataset`` validation set (read once into memory).
+        class_folders / zero_shot_templates: ``folder``: each validation image's class is the
+            subfolder it sits in (``_`` read as a space), so validation also reports zero-shot
+            accuracy over those classes, with this prompt ensemble.
     """
 
     def __init__(
@@ -389,6 +397,8 @@ class FoundationDataModule(L.LightningDataModule):
         val_size: int = 240,
         val_fraction: float = 0.1,
         seed: int = 0,
+        class_folders: bool = False,
+        zero_shot_templates: list[str] | None = None,
     ):
         super().__init__()
         if source not in SOURCES:
@@ -412,12 +422,20 @@ class FoundationDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.val_captions: list[str] = []
+        if class_folders and source != "folder":
+            raise ValueError(f"data.class_folders works with source 'folder', not {source!r}")
+        self.classes: list[str] | None = shapes.class_names() if source == "shapes" else None  # set up for class folders
+        self.templates = list(zero_shot_templates or DEFAULT_TEMPLATES)
+        if any("{}" not in t for t in self.templates):
+            raise ValueError(f"data.zero_shot_templates must each contain {{}}, got {self.templates}")
 
     def zero_shot_prompts(self) -> list[list[str]] | None:
-        """Per zero-shot class, its prompt ensemble (None for sources without classes)."""
-        if self.source != "shapes":
+        """Per zero-shot class (``classes``), its prompt ensemble (None for data without classes)."""
+        if self.source == "shapes":
+            return [[shapes.fill_template(t, name) for t in shapes.TEMPLATES] for name in shapes.class_names()]
+        if self.classes is None:
             return None
-        return [[shapes.fill_template(t, name) for t in shapes.TEMPLATES] for name in shapes.class_names()]
+        return [[t.format(name) for t in self.templates] for name in self.classes]
 
     def generation_prompts(self, n: int) -> list[tuple[str, "shapes.ShapeSample", bool]] | None:
         """Prompts whose generations can be scored exactly (shapes only)."""
@@ -461,8 +479,17 @@ class FoundationDataModule(L.LightningDataModule):
             train_idx, val_idx = self._split(len(records))
             train, val = [records[i] for i in sorted(train_idx)], [records[i] for i in sorted(val_idx)]
         val_texts = [_folder_caption(c) for _, c in val if not isinstance(c, BadSample)]
+        labels = None
+        if self.hparams.class_folders:
+            root = Path(self.val_path or self.path)
+            folders = [p.parent.name if p is not None and p.parent != root else None for p, _ in val]
+            self.classes = sorted({f for f in folders if f is not None})
+            if len(self.classes) < 2:
+                raise ValueError(f"data.class_folders: the validation images of {root} need at least two class subfolders")
+            labels = [self.classes.index(f) if f is not None else -1 for f in folders]
+            self.classes = [c.replace("_", " ") for c in self.classes]
         self.train_set = FolderDataset(train, self._reader(True))
-        self.val_set = FolderDataset(val, self._reader(False, self._val_groups(val_texts)))
+        self.val_set = FolderDataset(val, self._reader(False, self._val_groups(val_texts)), labels)
 
     def _setup_hf(self) -> None:
         h = self.hparams

@@ -6,6 +6,7 @@ import contextlib
 import math
 import random
 from collections import Counter
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -21,7 +22,9 @@ from safetensors.torch import load_file
 
 from diffusion.decoder import TextCondition
 from diffusion.schedule import diffusion_loss, train_scheduler
+from multimodal import lora as lora_utils
 from multimodal.config import FoundationConfig
+from multimodal.lora import AdapterConfig
 from multimodal.model import WEIGHTS_NAME, FoundationModel
 from multimodal.pipeline import FoundationPipeline, zero_shot_weights
 
@@ -79,7 +82,11 @@ class FoundationModule(L.LightningModule):
         caption_tokens: new-token budget of the validation captions (caption accuracy).
         on_nonfinite: a NaN/inf loss ``stop``s the run (after saving a checkpoint of the last
             good weights) or ``skip``s that step.
-        init_from: a ``save_pretrained`` folder to start from (matching tensors are copied).
+        init_from: a ``save_pretrained`` folder to start from (matching tensors are copied, the
+            rest reported by name), or a LoRA adapter folder (its base model, then the adapter).
+        lora: train LoRA adapters instead of the weights (``multimodal.lora.AdapterConfig``:
+            components, r, alpha, dropout, targets): every base weight is frozen and stays
+            bit-identical; the end-of-fit export writes the adapter alone.
         fidelity_images / fidelity_steps / fidelity_scheduler / guidance_scale: generation
             fidelity at validation (fixed prompts and seeds, EMA decoder).
         lr, weight_decay, betas, eps: AdamW (no decay on norms, biases, embeddings, logit scale).
@@ -111,6 +118,7 @@ class FoundationModule(L.LightningModule):
         on_nonfinite: str = "stop",
         diffusion_batch_size: int | None = None,
         diffusion_text_grad: bool = True,
+        lora: AdapterConfig | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -125,8 +133,12 @@ class FoundationModule(L.LightningModule):
         if unknown_groups:
             raise ValueError(f"model.lr_multipliers has unknown component(s) {sorted(unknown_groups)}; known: {', '.join(COMPONENTS)}, logit_scale")
         self.model = FoundationModel(FoundationConfig.from_preset(preset, overrides))
+        self.base_model: str | None = init_from  # what a LoRA adapter of this run is trained on
+        adapter_dir = init_from if init_from is not None and lora_utils.is_adapter_folder(init_from) else None
+        if adapter_dir is not None:  # continue an adapter: its base first
+            self.base_model = str(lora_utils.resolve_base(adapter_dir))
         if init_from is not None:
-            self.init_report = load_matching_weights(self.model, init_from)
+            self.init_report = load_matching_weights(self.model, self.base_model)
         self.loss_weights = {**STAGES[stage]["loss_weights"], **(loss_weights or {})}
         unknown = set(self.loss_weights) - set(LOSSES)
         if unknown:
@@ -144,14 +156,40 @@ class FoundationModule(L.LightningModule):
             module = self._component(name)
             if module is not None:
                 module.requires_grad_(False)
+        if lora is not None or adapter_dir is not None:
+            self._add_lora(lora, adapter_dir, explicit_freeze=freeze is not None)
         self.clip_loss = ClipLoss()
         self.noise_scheduler = train_scheduler(self.model.config.decoder) if self.use_diffusion else None
         self.ema = (
             EMAModel(self.model.decoder.parameters(), decay=self.model.config.decoder.ema_decay)
-            if self.use_diffusion and "decoder" not in self.frozen and self.model.config.decoder.ema_decay > 0 else None
+            if self.use_diffusion and "decoder" not in self.frozen and self.model.config.decoder.ema_decay > 0
+            and self.model.adapter is None else None
         )
         self._val_outputs: list[dict[str, torch.Tensor]] = []
         self.last_eval: tuple[int, dict[str, float]] | None = None
+
+    def _add_lora(self, lora: AdapterConfig | None, adapter_dir: str | None, explicit_freeze: bool) -> None:
+        """Freeze every base weight, then inject the adapter (new, or loaded from ``adapter_dir``)."""
+        config = lora_utils.read_adapter_config(adapter_dir) if adapter_dir is not None else lora
+        if isinstance(config, dict):  # from a checkpoint's hyperparameters
+            config = AdapterConfig(**config)
+        clash = sorted(set(config.components) & set(self.frozen))
+        if clash:
+            why = "model.freeze" if explicit_freeze else f"stage {self.hparams.stage!r}"
+            raise ValueError(f"model.lora.components {clash} are frozen by {why}: their adapters would never train")
+        self.frozen = [c for c in COMPONENTS if c not in config.components]
+        self.model.requires_grad_(False)
+        if adapter_dir is not None:
+            self.model.load_adapter(adapter_dir)
+        else:
+            self.model.add_adapter(config)
+        self.hparams["lora"] = asdict(self.model.adapter)  # so that a checkpoint rebuilds the same layers
+        trainable, total = lora_utils.count_parameters(self.model)
+        parts = sum(p.numel() for c in config.components for p in self._component(c).parameters() if not p.requires_grad)
+        rank_zero_info(
+            f"LoRA r={config.r} on {', '.join(config.components)}: {trainable:,} trainable parameters = "
+            f"{100 * trainable / total:.2f}% of the model ({total:,}), {100 * trainable / parts:.2f}% of the adapted components"
+        )
 
     def _component(self, name: str) -> torch.nn.Module | None:
         return {
@@ -161,6 +199,8 @@ class FoundationModule(L.LightningModule):
 
     # ---- training ------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.model.adapter is not None and self.base_model is None:
+            raise ValueError("model.lora needs model.init_from: the base model folder the adapter is trained on")
         world = self.trainer.world_size if self._trainer is not None else 1
         # Across ranks: each rank scores its local batch against all gathered features, with grads.
         self.clip_loss = ClipLoss(
@@ -392,9 +432,13 @@ class FoundationModule(L.LightningModule):
             "image": out["image_features"].float(), "text": out["text_features"].float(),
             "label": batch["label"], "group": batch["group"],
         }
-        if self.use_caption and bool((batch["label"] >= 0).any()):  # only data with classes (shapes) is scored
+        if self._scores_captions() and bool((batch["label"] >= 0).any()):  # captions are read with the shapes vocabulary
             record["caption_label"] = self.caption_labels(batch["image"])
         self._val_outputs.append(record)
+
+    def _scores_captions(self) -> bool:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        return self.use_caption and getattr(dm, "source", None) == "shapes"
 
     @torch.no_grad()
     def caption_labels(self, images: torch.Tensor) -> torch.Tensor:
@@ -470,7 +514,7 @@ class FoundationModule(L.LightningModule):
         text = torch.zeros(int(groups.max()) + 1, feats["text"].shape[1], device=groups.device)
         text[groups] = feats["text"]  # every item of a group has the same caption, so the same embedding
         metrics.update(retrieval_recall(feats["image"], groups, text))
-        if self.use_caption and (feats["label"] >= 0).any():
+        if self._scores_captions() and (feats["label"] >= 0).any():
             if "caption_label" not in feats:
                 feats["caption_label"] = torch.cat([self.caption_labels(p.to(self.device)) for p in feats["pixels"].split(256)])
             keep = feats["label"] >= 0

@@ -18,6 +18,8 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 SHAPES = ("circle", "square", "triangle", "diamond")
+# Shapes the embedded data never shows: a new domain to adapt a trained model to (``write_new_domain``).
+NEW_SHAPES = ("star", "cross", "hexagon", "heart")
 COLORS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -79,9 +81,10 @@ def fill_template(template: str, desc: str) -> str:
     return template.format(a="an" if desc[0] in "aeiou" else "a", d=desc)
 
 
-def describe(sample: ShapeSample, with_size: bool = True, with_position: bool = True, template: str = TEMPLATES[0]) -> str:
+def describe(sample: ShapeSample, with_size: bool = True, with_position: bool = True, template: str = TEMPLATES[0],
+             with_color: bool = True) -> str:
     """Caption text, e.g. 'a small red circle at the top left'."""
-    words = ([sample.size] if with_size else []) + [sample.color, sample.shape]
+    words = ([sample.size] if with_size else []) + ([sample.color] if with_color else []) + [sample.shape]
     desc = " ".join(words)
     if with_position:
         desc += " in the center" if sample.position == "center" else f" at the {sample.position}"
@@ -108,8 +111,25 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, x0: int, y0: int, side: in
         draw.polygon([(x0, y1), (x1, y1), (cx, y0)], fill=fill)
     elif shape == "diamond":
         draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
+    elif shape == "star":  # five points, outer radius side/2, inner 0.4 of it
+        r = side / 2
+        points = [(cx + (r if k % 2 == 0 else 0.4 * r) * np.sin(np.pi * k / 5), cy - (r if k % 2 == 0 else 0.4 * r) * np.cos(np.pi * k / 5))
+                  for k in range(10)]
+        draw.polygon(points, fill=fill)
+    elif shape == "cross":  # a plus sign, arms a third of the side wide
+        t = side / 3
+        draw.rectangle([x0, cy - t / 2, x1, cy + t / 2], fill=fill)
+        draw.rectangle([cx - t / 2, y0, cx + t / 2, y1], fill=fill)
+    elif shape == "hexagon":
+        r = side / 2
+        draw.polygon([(cx + r * np.cos(np.pi * k / 3), cy + r * np.sin(np.pi * k / 3)) for k in range(6)], fill=fill)
+    elif shape == "heart":  # two lobes over a downward point
+        r = side / 4
+        draw.ellipse([x0, y0, cx, y0 + 2 * r], fill=fill)
+        draw.ellipse([cx, y0, x1, y0 + 2 * r], fill=fill)
+        draw.polygon([(x0, y0 + r), (x1, y0 + r), (cx, y1)], fill=fill)
     else:
-        raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+        raise ValueError(f"shape must be one of {SHAPES + NEW_SHAPES}, got {shape!r}")
 
 
 def render(sample: ShapeSample, image_size: int = 32, jitter: tuple[int, int] = (0, 0)) -> Image.Image:
@@ -255,3 +275,43 @@ def write_class_folder(root: str | Path, split: str = "val", count: int = 240, s
         folder.mkdir(parents=True, exist_ok=True)
         image.save(folder / f"{index:05d}.png")
     return root
+
+
+def write_new_domain(root: str | Path, count: int = 480, seed: int = 0, shapes: tuple[str, ...] = NEW_SHAPES,
+                     image_size: int = 32) -> Path:
+    """A captioned, labeled folder of shapes the embedded data never shows (``NEW_SHAPES``), in
+    every color, size and position: ``root/<shape>/<index>.png`` (the class-folder layout of
+    ``multimodal probe`` and ``classify --support``) plus ``root/metadata.jsonl`` captions
+    ("a small red star at the top left", with the embedded data's templates; size and position
+    are left out of half the captions, color out of a quarter), so one folder serves ``multimodal fit --data.source folder`` and evaluation."""
+    import json
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index in range(count):
+        rng = np.random.default_rng([seed, 2, index])
+        shape = shapes[index % len(shapes)]  # balanced classes
+        color, size, position = (COLOR_NAMES[int(rng.integers(len(COLOR_NAMES)))], SIZES[int(rng.integers(len(SIZES)))],
+                                 POSITIONS[int(rng.integers(len(POSITIONS)))])
+        sample = ShapeSample(shape, color, size, position)
+        max_jitter = max(1, round(0.04 * image_size))
+        jitter = tuple(int(j) for j in rng.integers(-max_jitter, max_jitter + 1, size=2))
+        keep_size, keep_pos, keep_color = rng.random(3) < (0.5, 0.5, 0.75)
+        caption = describe(sample, bool(keep_size), bool(keep_pos), TEMPLATES[int(rng.integers(len(TEMPLATES)))], bool(keep_color))
+        name = f"{shape}/{index:05d}.png"
+        (root / shape).mkdir(exist_ok=True)
+        render(sample, image_size, jitter).save(root / name)
+        lines.append(json.dumps({"file_name": name, "text": caption}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+if __name__ == "__main__":  # python -m train.shapes --new-domain DIR
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m train.shapes", description="write shapes data folders")
+    parser.add_argument("--new-domain", required=True, help="output folder: train/ (3840 images) and val/ (240, other seeds)")
+    args = parser.parse_args()
+    for split, count, seed in (("train", 3840, 0), ("val", 240, 1)):
+        print(f"wrote {write_new_domain(Path(args.new_domain) / split, count=count, seed=seed)}")

@@ -1,0 +1,265 @@
+"""LoRA adapters (``peft``) on the attention and MLP projections of chosen components.
+
+An adapter folder holds only the low-rank weights (``adapter_model.safetensors``) and
+``adapter_config.json``: rank, components, target modules and a reference to the base model
+(its folder and the sha256 of its ``model.safetensors``, checked on load so an adapter is never
+silently applied to other weights). The base weights are never written to, so unloading an
+adapter gives back the base model bit for bit; merging folds ``B @ A * alpha / r`` into them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+if TYPE_CHECKING:
+    from .model import FoundationModel
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+ADAPTER_NAME = "default"
+# Module-name suffixes (peft matches ``name == t or name.endswith("." + t)``) of the attention and
+# MLP projections: our transformer blocks, and diffusers' transformer blocks inside the UNet.
+_BLOCK_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+TARGETS: dict[str, list[str]] = {
+    "text": _BLOCK_TARGETS,
+    "image": _BLOCK_TARGETS,
+    "language": _BLOCK_TARGETS + ["cross_attn.q", "cross_attn.kv", "cross_attn.proj"],
+    "decoder": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
+}
+
+
+@dataclass
+class AdapterConfig:
+    """Which components get LoRA and how big it is.
+
+    components: among ``text``, ``image``, ``decoder``, ``language``.
+    r / alpha / dropout: LoRA rank, scale (the update is ``B @ A * alpha / r``) and input dropout.
+    targets: per component, module-name suffixes to adapt (default: ``TARGETS``).
+    base_model / base_sha256: the base folder and its weights' hash (filled in when saved).
+    """
+
+    components: list[str] = field(default_factory=lambda: ["text", "image"])
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: dict[str, list[str]] | None = None
+    base_model: str | None = None
+    base_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.components) - set(TARGETS))
+        if not self.components or unknown:
+            raise ValueError(f"lora components must be a non-empty subset of {sorted(TARGETS)}, got {self.components}")
+        if self.r < 1:
+            raise ValueError(f"lora r must be at least 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"lora alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout}")
+        extra = sorted(set(self.targets or {}) - set(self.components))
+        if extra:
+            raise ValueError(f"lora targets given for component(s) {extra} that are not in components {self.components}")
+
+    def target_modules(self, component: str) -> list[str]:
+        return list((self.targets or {}).get(component) or TARGETS[component])
+
+    def peft_config(self, component: str):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, bias="none",
+            target_modules=self.target_modules(component),
+        )
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "AdapterConfig":
+        try:
+            fields = json.loads(path.read_text())
+            return cls(**fields)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: not a valid adapter config ({err})") from err
+
+
+def weights_sha256(directory: str | Path) -> str:
+    """sha256 of a model folder's ``model.safetensors`` (what an adapter was trained on)."""
+    from .model import WEIGHTS_NAME
+
+    digest = hashlib.sha256()
+    with open(Path(directory) / WEIGHTS_NAME, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def components(model: "FoundationModel") -> dict[str, nn.Module | None]:
+    return {"text": model.encoders.text, "image": model.encoders.image, "decoder": model.decoder, "language": model.language}
+
+
+def _lora_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def add_adapter(model: "FoundationModel", config: AdapterConfig) -> None:
+    """Inject fresh LoRA layers (B = 0: the model's outputs are unchanged) into ``config``'s
+    components. Only the LoRA weights of those components require grad afterwards."""
+    from peft import inject_adapter_in_model
+
+    if model.adapter is not None:
+        raise ValueError("this model already has a LoRA adapter: merge_adapter() or unload_adapter() first")
+    parts = components(model)
+    missing = [c for c in config.components if parts[c] is None]
+    if missing:
+        raise ValueError(f"lora components {missing}: this model has no such component")
+    # peft turns off grads of the adapted components' base weights; unloading turns them back
+    model._grad_before_adapter = {n: p.requires_grad for n, p in model.named_parameters()}
+    for name in config.components:
+        try:
+            inject_adapter_in_model(config.peft_config(name), parts[name], adapter_name=ADAPTER_NAME)
+        except ValueError as err:  # peft: "Target modules ... not found in the base model"
+            raise ValueError(f"lora targets {config.target_modules(name)} match no module of component {name!r} ({err})") from err
+    model.adapter = config
+
+
+def adapter_state_dict(model: "FoundationModel") -> dict[str, torch.Tensor]:
+    """The LoRA weights only, as ``<component>.<module path>.lora_{A,B}.weight``."""
+    from peft import get_peft_model_state_dict
+
+    if model.adapter is None:
+        raise ValueError("this model has no LoRA adapter")
+    parts = components(model)
+    return {
+        f"{name}.{key}": value
+        for name in model.adapter.components
+        for key, value in get_peft_model_state_dict(parts[name], adapter_name=ADAPTER_NAME).items()
+    }
+
+
+def save_adapter(model: "FoundationModel", directory: str | Path, base_model: str | Path | None = None,
+                 card: str | None = None) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (+ ``README.md``); the
+    config records ``base_model`` (a folder) and its weights' sha256."""
+    config = model.adapter
+    if config is None:
+        raise ValueError("this model has no LoRA adapter to save")
+    if base_model is not None:
+        base = Path(base_model)
+        config.base_model = str(base)
+        config.base_sha256 = weights_sha256(base) if base.is_dir() else None
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    save_file(state, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config.save(directory / ADAPTER_CONFIG)
+    if card is not None:
+        (directory / "README.md").write_text(card)
+    return directory
+
+
+def is_adapter_folder(directory: str | Path) -> bool:
+    return (Path(directory) / ADAPTER_CONFIG).is_file()
+
+
+def read_adapter_config(directory: str | Path) -> AdapterConfig:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter folder not found: {directory}")
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (directory / name).is_file():
+            raise ValueError(f"{directory} is not an adapter folder: no {name}")
+    return AdapterConfig.load(directory / ADAPTER_CONFIG)
+
+
+def resolve_base(directory: str | Path, base: str | Path | None = None) -> Path:
+    """The base model folder of an adapter: ``base`` if given, else the recorded one (as written,
+    then relative to the adapter folder); its weights must match the recorded sha256."""
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    if base is None:
+        if config.base_model is None:
+            raise ValueError(f"{directory}: the adapter records no base model; pass the base folder explicitly")
+        candidates = [Path(config.base_model), directory / config.base_model]
+        found = [c for c in candidates if c.is_dir()]
+        if not found:
+            raise FileNotFoundError(
+                f"{directory}: its base model {config.base_model!r} was not found (tried {', '.join(map(str, candidates))}); "
+                "pass the base folder explicitly"
+            )
+        base = found[0]
+    base = Path(base)
+    if config.base_sha256 is not None:
+        actual = weights_sha256(base)
+        if actual != config.base_sha256:
+            raise ValueError(
+                f"{directory} was trained on a base model whose weights have sha256 {config.base_sha256[:12]}..., "
+                f"but {base} has {actual[:12]}...: not the same base model"
+            )
+    return base
+
+
+def load_adapter(model: "FoundationModel", directory: str | Path) -> AdapterConfig:
+    """Inject the adapter saved in ``directory`` into ``model`` (its base is not checked here:
+    ``resolve_base`` does that). Missing or unexpected LoRA tensors are reported by name."""
+    from peft import set_peft_model_state_dict
+
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    state = load_file(str(directory / ADAPTER_WEIGHTS), device=str(model.pixel_mean.device))
+    add_adapter(model, config)
+    parts = components(model)
+    expected = set(adapter_state_dict(model))
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        unload_adapter(model)
+        show = lambda names: ", ".join(names[:5]) + (" ..." if len(names) > 5 else "") or "none"  # noqa: E731
+        raise ValueError(f"{directory}: {ADAPTER_WEIGHTS} does not match its config (missing: {show(missing)}; unexpected: {show(unexpected)})")
+    for name in config.components:
+        prefix = f"{name}."
+        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        set_peft_model_state_dict(parts[name], part, adapter_name=ADAPTER_NAME)
+    return config
+
+
+def _remove_lora_layers(model: "FoundationModel", merge: bool) -> None:
+    if model.adapter is None:
+        raise ValueError("this model has no LoRA adapter")
+    for part in components(model).values():
+        if part is None:
+            continue
+        for name, layer in _lora_layers(part):
+            if merge:
+                layer.merge(safe_merge=True)  # refuses NaN/inf results
+            parent_name, _, child = name.rpartition(".")
+            setattr(part.get_submodule(parent_name) if parent_name else part, child, layer.get_base_layer())
+    before = getattr(model, "_grad_before_adapter", {})
+    for name, param in model.named_parameters():
+        param.requires_grad_(before.get(name, param.requires_grad))
+    model.adapter = None
+
+
+def merge_adapter(model: "FoundationModel") -> None:
+    """Fold the adapter into the base weights and remove the LoRA layers: a plain model again
+    (``save_pretrained`` writes it as a full model), as fast as the base."""
+    _remove_lora_layers(model, merge=True)
+
+
+def unload_adapter(model: "FoundationModel") -> None:
+    """Remove the LoRA layers without merging: the base model, bit for bit."""
+    _remove_lora_layers(model, merge=False)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
