@@ -96,7 +96,13 @@ def describe_data(datamodule: Any) -> str:
         return ("The embedded procedural captioned-shapes data (`data.source: shapes`): one shape in one "
                 "of six colors, two sizes and five positions per 32x32 image, four caption templates; "
                 "24 color+shape combinations are held out of training for evaluation.")
-    return f"`data.source: {source}`, `data.path: {getattr(datamodule, 'path', None)}`."
+    text = f"`data.source: {source}`, `data.path: {getattr(datamodule, 'path', None)}`"
+    if getattr(datamodule, "val_path", None):
+        text += f", validation `data.val_path: {datamodule.val_path}`"
+    classes = getattr(datamodule, "classes", None)
+    if classes:
+        text += f"; zero-shot classes: {', '.join(classes)}"
+    return text + "."
 
 
 def lora_summary(adapter: Any, base_model: str | None) -> str:

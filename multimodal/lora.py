@@ -148,8 +148,8 @@ def adapter_state_dict(model: "FoundationModel") -> dict[str, torch.Tensor]:
 
 def save_adapter(model: "FoundationModel", directory: str | Path, base_model: str | Path | None = None,
                  card: str | None = None) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (+ ``README.md``); the
-    config records ``base_model`` (a folder) and its weights' sha256."""
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` + ``README.md`` (``card``,
+    else a default model card); the config records ``base_model`` (a folder) and its weights' sha256."""
     config = model.adapter
     if config is None:
         raise ValueError("this model has no LoRA adapter to save")
@@ -162,8 +162,11 @@ def save_adapter(model: "FoundationModel", directory: str | Path, base_model: st
     state = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     save_file(state, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     config.save(directory / ADAPTER_CONFIG)
-    if card is not None:
-        (directory / "README.md").write_text(card)
+    if card is None:
+        from .card import lora_summary, model_card
+
+        card = model_card(model.config, name="LoRA adapter", training="Not described." + lora_summary(config, config.base_model))
+    (directory / "README.md").write_text(card)
     return directory
 
 

@@ -178,3 +178,28 @@ def test_lora_fine_tune_of_the_shipped_model_on_new_shapes(tmp_path):
         out = subprocess.run([sys.executable, "-m", "multimodal.cli", "classify", image, "--labels", "star, cross, hexagon, heart",
                               "--top", "1", *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0 and out.stdout.split("\t")[1].startswith("star"), out.stdout + out.stderr
+
+
+def test_lora_fit_on_every_component(tiny_model, tmp_path):
+    """Joint stage with adapters on all four components: every adapter gets gradients and
+    changes, the base does not, and the export is the adapter alone."""
+    from conftest import JOINT, scaled_config
+
+    base_dir = tiny_model.save_pretrained(tmp_path / "base")
+    lora = {"components": ALL, "r": 2, "alpha": 4.0}
+    config = scaled_config(tmp_path, JOINT, model={"init_from": str(base_dir), "lora": lora, "lr": 0.01, "fidelity_images": 4, "fidelity_steps": 2, "caption_tokens": 4},
+                           max_steps=2, val_check_interval=2)
+    assert main(["fit", "--config", str(config)]) == 0
+    name = yaml.safe_load(JOINT.read_text())["trainer"]["logger"]["init_args"]["name"]
+    state = torch.load(next((tmp_path / "runs" / name / "checkpoints").glob("last*.ckpt")), map_location="cpu",
+                       weights_only=True)["state_dict"]
+    base = tiny_model.state_dict()
+    base_part = {k.removeprefix("model.").replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k}
+    assert base_part.keys() == base.keys() and all(torch.equal(base_part[k], base[k]) for k in base)
+    trained = {k: v for k, v in state.items() if "lora_B" in k}
+    prefixes = {"text": "model.encoders.text.", "image": "model.encoders.image.", "decoder": "model.decoder.", "language": "model.language."}
+    for part, prefix in prefixes.items():  # B starts at zero: non-zero means that component's adapter trained
+        assert any(v.abs().max() > 0 for k, v in trained.items() if k.startswith(prefix)), part
+    exported = tmp_path / "runs" / name / "model"
+    assert {k.split(".")[0] for k in load_file(str(exported / ADAPTER_WEIGHTS))} == set(ALL)
+    assert FoundationPipeline.from_pretrained(exported).model.adapter.components == ALL

@@ -69,3 +69,36 @@ def test_state_dict_conversion_covers_every_key(saved_open_clip):
     ours = FoundationModel.from_open_clip(TINY).encoders.state_dict()
     assert set(converted) == set(ours)
     assert all(converted[k].shape == ours[k].shape for k in ours)
+
+
+def test_fit_starts_from_an_open_clip_checkpoint(saved_open_clip, tmp_path, capsys):
+    """model.init_from: an open_clip checkpoint file (the preset's architecture) or
+    open_clip:MODEL:FILE (open_clip's architecture); the encoders then embed exactly as open_clip,
+    and what was not in the checkpoint is reported by name."""
+    import json
+
+    from train.module import FoundationModule
+
+    reference, path = saved_open_clip
+    images, texts = torch.rand(2, 3, 32, 32), ["a red circle", "a blue square"]
+    with torch.no_grad():
+        want_image = reference.encode_image((images - 0.5) / 0.5, normalize=True)
+        want_text = reference.encode_text(open_clip.get_tokenizer("ViT-B-32", context_length=16)(texts), normalize=True)
+    (tmp_path / "tiny-test-clip.json").write_text(json.dumps(TINY))
+    open_clip.add_model_config(tmp_path / "tiny-test-clip.json")
+    overrides = {"image": {"width": 64, "layers": 2, "heads": 2}, "text": {"layers": 2}}
+    for init_from, kwargs in ((str(path), {"overrides": overrides}), (f"open_clip:tiny-test-clip:{path}", {})):
+        module = FoundationModule(preset="tiny", init_from=init_from, stage="joint", **kwargs)
+        model = module.model.eval()
+        model.pixel_mean.fill_(0.5), model.pixel_std.fill_(0.5)
+        with torch.no_grad():
+            assert torch.allclose(model.encode_image(images), want_image, atol=1e-5)
+            assert torch.allclose(model.encode_text(texts), want_text, atol=1e-5)
+        assert module.init_report["missing"] and all(k.startswith(("decoder.", "language.")) for k in module.init_report["missing"])
+        assert not module.init_report["mismatched"]
+    assert "missing (kept initial values): decoder." in capsys.readouterr().err
+    # the preset's own (smaller) architecture: mismatched tensors named, not loaded
+    module = FoundationModule(preset="tiny", init_from=str(path))
+    assert "encoders.image.transformer.blocks.0.attn.qkv.weight" in module.init_report["mismatched"]
+    with pytest.raises(FileNotFoundError, match="neither a model folder"):
+        FoundationModule(preset="tiny", init_from=str(tmp_path / "nothing"))

@@ -45,13 +45,36 @@ STAGES: dict[str, dict[str, Any]] = {
 }
 
 
-def load_matching_weights(model: FoundationModel, directory: str) -> dict[str, list[str]]:
-    """Start from a ``save_pretrained`` folder: copy every tensor whose name and shape match,
-    and report by name what was missing, mismatched or unexpected (printed, and returned)."""
-    path = Path(directory) / WEIGHTS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"model.init_from: no {WEIGHTS_NAME} in {directory}")
-    source, target = load_file(str(path)), model.state_dict()
+OPEN_CLIP_PREFIX = "open_clip:"
+
+
+def init_source(init_from: str) -> tuple[dict[str, torch.Tensor], Any]:
+    """The tensors ``init_from`` names, under FoundationModel's parameter names, and the encoder
+    config they imply (None when the model's own config stays): a ``save_pretrained`` folder;
+    an open_clip checkpoint file (``.safetensors``, or ``.pt`` read with ``weights_only``); or
+    ``open_clip:MODEL[:PRETRAINED]`` (an open_clip model name, with a local weights file or an
+    open_clip tag, which needs internet): its architecture and weights for the encoders."""
+    from encoders.open_clip_import import convert_open_clip_state_dict, dual_encoder_from_open_clip, load_state_file
+
+    if init_from.startswith(OPEN_CLIP_PREFIX):
+        name, _, pretrained = init_from[len(OPEN_CLIP_PREFIX):].partition(":")
+        encoders = dual_encoder_from_open_clip(name, pretrained or None)
+        return {f"encoders.{k}": v for k, v in encoders.state_dict().items()}, encoders.config
+    path = Path(init_from)
+    if path.is_file():
+        return {f"encoders.{k}": v for k, v in convert_open_clip_state_dict(load_state_file(path)).items()}, None
+    if not (path / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(
+            f"model.init_from: {init_from} is neither a model folder with {WEIGHTS_NAME}, an open_clip checkpoint file, "
+            f"nor {OPEN_CLIP_PREFIX}MODEL[:PRETRAINED]"
+        )
+    return load_file(str(path / WEIGHTS_NAME)), None
+
+
+def load_matching_weights(model: FoundationModel, source: dict[str, torch.Tensor], name: str) -> dict[str, list[str]]:
+    """Copy every tensor of ``source`` whose name and shape match, and report by name what was
+    missing, mismatched or unexpected (printed, and returned)."""
+    target = model.state_dict()
     report = {
         "loaded": [k for k in target if k in source and source[k].shape == target[k].shape],
         "missing": [k for k in target if k not in source],
@@ -59,11 +82,11 @@ def load_matching_weights(model: FoundationModel, directory: str) -> dict[str, l
         "unexpected": [k for k in source if k not in target],
     }
     model.load_state_dict({k: source[k] for k in report["loaded"]}, strict=False)
-    rank_zero_info(f"init_from {directory}: loaded {len(report['loaded'])} tensors")
+    rank_zero_info(f"init_from {name}: loaded {len(report['loaded'])} tensors")
     for kind in ("missing", "mismatched", "unexpected"):
         if report[kind]:
             names = ", ".join(report[kind][:8]) + (" ..." if len(report[kind]) > 8 else "")
-            rank_zero_info(f"init_from {directory}: {len(report[kind])} {kind} (kept initial values): {names}")
+            rank_zero_info(f"init_from {name}: {len(report[kind])} {kind} (kept initial values): {names}")
     return report
 
 
@@ -82,8 +105,10 @@ class FoundationModule(L.LightningModule):
         caption_tokens: new-token budget of the validation captions (caption accuracy).
         on_nonfinite: a NaN/inf loss ``stop``s the run (after saving a checkpoint of the last
             good weights) or ``skip``s that step.
-        init_from: a ``save_pretrained`` folder to start from (matching tensors are copied, the
-            rest reported by name), or a LoRA adapter folder (its base model, then the adapter).
+        init_from: where to start: a ``save_pretrained`` folder, a LoRA adapter folder (its base
+            model, then the adapter), an open_clip checkpoint file (encoders), or
+            ``open_clip:MODEL[:PRETRAINED]`` (that open_clip architecture and weights for the
+            encoders). Matching tensors are copied; the rest is reported by name.
         lora: train LoRA adapters instead of the weights (``multimodal.lora.AdapterConfig``:
             components, r, alpha, dropout, targets): every base weight is frozen and stays
             bit-identical; the end-of-fit export writes the adapter alone.
@@ -132,13 +157,17 @@ class FoundationModule(L.LightningModule):
         unknown_groups = set(lr_multipliers or {}) - set(COMPONENTS) - {"logit_scale"}
         if unknown_groups:
             raise ValueError(f"model.lr_multipliers has unknown component(s) {sorted(unknown_groups)}; known: {', '.join(COMPONENTS)}, logit_scale")
-        self.model = FoundationModel(FoundationConfig.from_preset(preset, overrides))
+        config = FoundationConfig.from_preset(preset, overrides)
         self.base_model: str | None = init_from  # what a LoRA adapter of this run is trained on
         adapter_dir = init_from if init_from is not None and lora_utils.is_adapter_folder(init_from) else None
         if adapter_dir is not None:  # continue an adapter: its base first
             self.base_model = str(lora_utils.resolve_base(adapter_dir))
+        source, encoder_config = init_source(self.base_model) if init_from is not None else ({}, None)
+        if encoder_config is not None:  # an open_clip model: its encoder architecture, our decoder / language head
+            config = FoundationConfig(**{**config.__dict__, **encoder_config.__dict__})
+        self.model = FoundationModel(config)
         if init_from is not None:
-            self.init_report = load_matching_weights(self.model, self.base_model)
+            self.init_report = load_matching_weights(self.model, source, self.base_model)
         self.loss_weights = {**STAGES[stage]["loss_weights"], **(loss_weights or {})}
         unknown = set(self.loss_weights) - set(LOSSES)
         if unknown:
@@ -170,6 +199,11 @@ class FoundationModule(L.LightningModule):
 
     def _add_lora(self, lora: AdapterConfig | None, adapter_dir: str | None, explicit_freeze: bool) -> None:
         """Freeze every base weight, then inject the adapter (new, or loaded from ``adapter_dir``)."""
+        if self.base_model is not None and not Path(self.base_model).is_dir():
+            raise ValueError(
+                f"model.lora: the base must be a save_pretrained folder (the adapter records it), got {self.base_model!r}; "
+                "start a full fit from it first, or export it with FoundationModel.from_open_clip(...).save_pretrained(DIR)"
+            )
         config = lora_utils.read_adapter_config(adapter_dir) if adapter_dir is not None else lora
         if isinstance(config, dict):  # from a checkpoint's hyperparameters
             config = AdapterConfig(**config)
