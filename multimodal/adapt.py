@@ -75,6 +75,8 @@ def labeled_folder(root: str | Path, what: str = "--data", max_per_class: int | 
     paths, labels = [], []
     for i, folder in enumerate(folders):
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:max_per_class]
+        if not files:
+            raise ValueError(f"{what}: the class folder {folder} has no images")
         paths += files
         labels += [i] * len(files)
     if len(folders) < 2 or not paths:

@@ -46,8 +46,11 @@ def _pipeline(args: argparse.Namespace, **kwargs):
     from .pipeline import FoundationPipeline
 
     adapter = getattr(args, "adapter", None)
-    if adapter is not None and not Path(adapter).is_dir():
-        raise FileNotFoundError(f"--adapter: no adapter folder at {adapter}")
+    if adapter is not None:
+        from .lora import is_adapter_folder
+
+        if not is_adapter_folder(adapter):
+            raise FileNotFoundError(f"--adapter: {adapter} is not an adapter folder (no adapter_config.json)")
     if adapter is not None and args.model is None:
         return FoundationPipeline.from_pretrained(adapter, **kwargs)
     return FoundationPipeline.from_pretrained(_model_dir(args.model), adapter=adapter, **kwargs)
@@ -61,7 +64,7 @@ def _export(args: argparse.Namespace) -> int:
     if not Path(args.ckpt).is_file():
         raise FileNotFoundError(f"--ckpt not found: {args.ckpt}")
     ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-    step, base = ckpt.get("global_step"), (ckpt.get("hyper_parameters") or {}).get("init_from")
+    step = ckpt.get("global_step")
     del ckpt
     # init_from=None: the checkpoint holds every weight, so the run's starting folder is not needed
     module = FoundationModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True, init_from=None)
@@ -76,12 +79,8 @@ def _export(args: argparse.Namespace) -> int:
     dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     model = module.model
     if model.adapter is not None and not args.merge:  # a LoRA run: the adapter alone
-        from . import lora
-
-        if base is not None and lora.is_adapter_folder(base):
-            base = str(lora.resolve_base(base))
-        model.save_adapter(args.out, base_model=base, card=card)
-        print(f"wrote the LoRA adapter to {args.out} (base: {base}; --merge writes a full model instead)")
+        model.save_adapter(args.out, card=card)  # with the base (and its hash) recorded when training started
+        print(f"wrote the LoRA adapter to {args.out} (base: {model.adapter.base_model}; --merge writes a full model instead)")
         return 0
     if model.adapter is not None:
         model.merge_adapter()

@@ -55,8 +55,8 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.components) - set(TARGETS))
-        if not self.components or unknown:
-            raise ValueError(f"lora components must be a non-empty subset of {sorted(TARGETS)}, got {self.components}")
+        if not self.components or unknown or len(set(self.components)) != len(self.components):
+            raise ValueError(f"lora components must be a non-empty subset of {sorted(TARGETS)} without repeats, got {self.components}")
         if self.r < 1:
             raise ValueError(f"lora r must be at least 1, got {self.r}")
         if self.alpha <= 0:
@@ -124,12 +124,13 @@ def add_adapter(model: "FoundationModel", config: AdapterConfig) -> None:
         raise ValueError(f"lora components {missing}: this model has no such component")
     # peft turns off grads of the adapted components' base weights; unloading turns them back
     model._grad_before_adapter = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.adapter = config
     for name in config.components:
         try:
             inject_adapter_in_model(config.peft_config(name), parts[name], adapter_name=ADAPTER_NAME)
         except ValueError as err:  # peft: "Target modules ... not found in the base model"
+            _remove_lora_layers(model, merge=False)  # undo the components already adapted
             raise ValueError(f"lora targets {config.target_modules(name)} match no module of component {name!r} ({err})") from err
-    model.adapter = config
 
 
 def adapter_state_dict(model: "FoundationModel") -> dict[str, torch.Tensor]:
@@ -153,10 +154,14 @@ def save_adapter(model: "FoundationModel", directory: str | Path, base_model: st
     config = model.adapter
     if config is None:
         raise ValueError("this model has no LoRA adapter to save")
-    if base_model is not None:
+    if base_model is not None and str(base_model) != config.base_model:  # else: the base recorded when it was added
         base = Path(base_model)
         config.base_model = str(base)
         config.base_sha256 = weights_sha256(base) if base.is_dir() else None
+    if config.base_sha256 is None:
+        import warnings
+
+        warnings.warn(f"saving an adapter without a base model hash (base_model={config.base_model!r}): loading it cannot check its base", stacklevel=2)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
@@ -201,6 +206,10 @@ def resolve_base(directory: str | Path, base: str | Path | None = None) -> Path:
             )
         base = found[0]
     base = Path(base)
+    from .model import WEIGHTS_NAME
+
+    if not (base / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"base model of {directory}: {base} has no {WEIGHTS_NAME}")
     if config.base_sha256 is not None:
         actual = weights_sha256(base)
         if actual != config.base_sha256:
@@ -227,6 +236,11 @@ def load_adapter(model: "FoundationModel", directory: str | Path) -> AdapterConf
         unload_adapter(model)
         show = lambda names: ", ".join(names[:5]) + (" ..." if len(names) > 5 else "") or "none"  # noqa: E731
         raise ValueError(f"{directory}: {ADAPTER_WEIGHTS} does not match its config (missing: {show(missing)}; unexpected: {show(unexpected)})")
+    expected_shapes = adapter_state_dict(model)
+    wrong = [k for k in state if state[k].shape != expected_shapes[k].shape]
+    if wrong:
+        unload_adapter(model)
+        raise ValueError(f"{directory}: tensor shapes do not match its config (r={config.r}) and this model: {', '.join(wrong[:5])}")
     for name in config.components:
         prefix = f"{name}."
         part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

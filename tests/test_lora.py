@@ -111,10 +111,30 @@ def test_bad_adapter_settings_are_named(tiny_model):
         AdapterConfig(components=["text", "vision"])
     with pytest.raises(ValueError, match="lora r"):
         AdapterConfig(r=0)
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     with pytest.raises(ValueError, match="match no module of component 'image'"):
-        tiny_model.add_adapter(AdapterConfig(components=["image"], targets={"image": ["no_such_layer"]}))
+        tiny_model.add_adapter(AdapterConfig(components=["text", "image"], targets={"image": ["no_such_layer"]}))
+    assert tiny_model.adapter is None and tiny_model.state_dict().keys() == before.keys(), "a failed add leaves no LoRA layer"
+    assert all(p.requires_grad for p in tiny_model.parameters())
     with pytest.raises(ValueError, match=r"components \['decoder'\] are frozen by stage 'align'"):
         FoundationModule(preset="tiny", stage="align", lora=AdapterConfig(components=["text", "decoder"]))
+
+
+def test_lora_needs_the_exact_base_and_a_consistent_adapter(tiny_model, tmp_path):
+    base_dir = tiny_model.save_pretrained(tmp_path / "base")
+    with pytest.raises(ValueError, match="model.lora: model.init_from .* does not match"):
+        FoundationModule(preset="tiny", overrides={"text": {"width": 64}}, init_from=str(base_dir), lora=AdapterConfig())
+    module = FoundationModule(preset="tiny", init_from=str(base_dir), lora=AdapterConfig(components=["text"], r=2))
+    assert module.model.adapter.base_sha256 == weights_sha256(base_dir)  # recorded when training starts
+    adapter = module.model.save_adapter(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="model.lora differs from the adapter"):
+        FoundationModule(preset="tiny", init_from=str(adapter), lora=AdapterConfig(components=["text"], r=4))
+    continued = FoundationModule(preset="tiny", init_from=str(adapter))  # continue it: base, then adapter
+    assert continued.model.adapter.r == 2 and continued.base_model == str(base_dir)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "r": 3}))
+    with pytest.raises(ValueError, match="shapes do not match"):
+        FoundationPipeline.from_pretrained(adapter)
 
 
 def _zero_shot(pipe: FoundationPipeline, folder: Path) -> float:
@@ -124,7 +144,7 @@ def _zero_shot(pipe: FoundationPipeline, folder: Path) -> float:
 
 
 @pytest.mark.slow
-def test_lora_fine_tune_of_the_shipped_model_on_new_shapes(tmp_path):
+def test_lora_fine_tune_of_the_shipped_model_on_new_shapes(tmp_path, capsys):
     """assets/configs/lora.yaml at a smaller scale (fewer steps and images; the full run is in
     the README): only the adapter trains, the base stays bit-identical, and zero-shot accuracy
     on the four new shapes rises from near chance."""
@@ -174,10 +194,11 @@ def test_lora_fine_tune_of_the_shipped_model_on_new_shapes(tmp_path):
     for args in (["--adapter", str(tmp_path / "adapter")], None):
         if args is None:
             assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+            capsys.readouterr()
             args = ["--model", str(tmp_path / "merged")]
-        out = subprocess.run([sys.executable, "-m", "multimodal.cli", "classify", image, "--labels", "star, cross, hexagon, heart",
-                              "--top", "1", *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0 and out.stdout.split("\t")[1].startswith("star"), out.stdout + out.stderr
+        assert main(["classify", image, "--labels", "star, cross, hexagon, heart", "--top", "1", *args]) == 0
+        out = capsys.readouterr().out
+        assert out.strip().split("\t")[1].startswith("star"), out
 
 
 def test_lora_fit_on_every_component(tiny_model, tmp_path):
@@ -202,4 +223,12 @@ def test_lora_fit_on_every_component(tiny_model, tmp_path):
         assert any(v.abs().max() > 0 for k, v in trained.items() if k.startswith(prefix)), part
     exported = tmp_path / "runs" / name / "model"
     assert {k.split(".")[0] for k in load_file(str(exported / ADAPTER_WEIGHTS))} == set(ALL)
-    assert FoundationPipeline.from_pretrained(exported).model.adapter.components == ALL
+    adapted = FoundationPipeline.from_pretrained(exported)
+    assert adapted.model.adapter.components == ALL
+    want = _outputs(adapted.model)
+    # multimodal export of the checkpoint: the adapter (same outputs), or --merge: a full model (same outputs)
+    ckpt = str(next((tmp_path / "runs" / name / "checkpoints").glob("last*.ckpt")))
+    assert main(["export", "--ckpt", ckpt, "--out", str(tmp_path / "exp")]) == 0
+    assert main(["export", "--ckpt", ckpt, "--out", str(tmp_path / "full"), "--merge"]) == 0
+    for model in (FoundationPipeline.from_pretrained(tmp_path / "exp").model, FoundationModel.from_pretrained(tmp_path / "full")):
+        assert all(torch.allclose(v, want[k], atol=1e-5) for k, v in _outputs(model).items())

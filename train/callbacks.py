@@ -112,14 +112,16 @@ class AlignmentReport(Callback):
                     card = model_card(
                         pl_module.model.config, name=f"{trainer.logger.name if trainer.logger else 'model'} (step {trainer.global_step})",
                         data=describe_data(dm), metrics=measured,
-                        command=f"multimodal test --config {out_dir / 'config.yaml'} --model.init_from {target}",
+                        command=f"multimodal test --config {out_dir / 'config.yaml'} --model.init_from {target}" + (
+                            f" --model.overrides '{json.dumps(pl_module.hparams.overrides)}'"  # the open_clip architecture
+                            if str(pl_module.hparams.init_from or "").startswith("open_clip:") else ""),
                         training=(f"`multimodal fit` stage `{pl_module.hparams.stage}`, preset `{pl_module.hparams.preset}`, "
                                   f"{trainer.global_step} steps; the run's resolved config is `{out_dir / 'config.yaml'}`. "
                                   "Metrics are on the held-out validation split, with the EMA decoder."
                                   + (lora_summary(pl_module.model.adapter, pl_module.base_model) if pl_module.model.adapter else "")),
                     )
                     if pl_module.model.adapter is not None:  # the adapter alone, with its base's name and hash
-                        pl_module.model.save_adapter(target, base_model=pl_module.base_model, card=card)
+                        pl_module.model.save_adapter(target, card=card)
                         lines.append(f"  saved the LoRA adapter to {target} (base: {pl_module.base_model}; "
                                      "FoundationPipeline.from_pretrained loads both)")
                     else:

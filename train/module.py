@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 from collections import Counter
@@ -165,6 +166,8 @@ class FoundationModule(L.LightningModule):
         source, encoder_config = init_source(self.base_model) if init_from is not None else ({}, None)
         if encoder_config is not None:  # an open_clip model: its encoder architecture, our decoder / language head
             config = FoundationConfig(**{**config.__dict__, **encoder_config.__dict__})
+            # in the checkpoint's hyperparameters, so that export / load_from_checkpoint rebuild this architecture
+            self.hparams["overrides"] = {**(overrides or {}), **dataclasses.asdict(encoder_config)}
         self.model = FoundationModel(config)
         if init_from is not None:
             self.init_report = load_matching_weights(self.model, source, self.base_model)
@@ -204,19 +207,33 @@ class FoundationModule(L.LightningModule):
                 f"model.lora: the base must be a save_pretrained folder (the adapter records it), got {self.base_model!r}; "
                 "start a full fit from it first, or export it with FoundationModel.from_open_clip(...).save_pretrained(DIR)"
             )
-        config = lora_utils.read_adapter_config(adapter_dir) if adapter_dir is not None else lora
-        if isinstance(config, dict):  # from a checkpoint's hyperparameters
-            config = AdapterConfig(**config)
+        if isinstance(lora, dict):  # from a checkpoint's hyperparameters
+            lora = AdapterConfig(**lora)
+        report = getattr(self, "init_report", {})
+        bad = {k: report.get(k) for k in ("missing", "mismatched", "unexpected") if report.get(k)}
+        if bad:  # an adapter must sit on exactly the base it names
+            detail = "; ".join(f"{k}: {', '.join(v[:4])}{' ...' if len(v) > 4 else ''}" for k, v in bad.items())
+            raise ValueError(f"model.lora: model.init_from {self.base_model} does not match the model's preset/overrides ({detail})")
+        config = lora
+        if adapter_dir is not None:
+            config = lora_utils.read_adapter_config(adapter_dir)
+            shape = lambda c: (sorted(c.components), c.r, c.alpha, c.dropout, c.targets)  # noqa: E731
+            if lora is not None and shape(lora) != shape(config):
+                raise ValueError(f"model.lora differs from the adapter in model.init_from {adapter_dir} ({config}); leave model.lora out to continue it")
         clash = sorted(set(config.components) & set(self.frozen))
         if clash:
             why = "model.freeze" if explicit_freeze else f"stage {self.hparams.stage!r}"
-            raise ValueError(f"model.lora.components {clash} are frozen by {why}: their adapters would never train")
+            what = f"the adapter in {adapter_dir}" if adapter_dir is not None else "model.lora.components"
+            raise ValueError(f"{what}: components {clash} are frozen by {why}: their adapters would never train")
         self.frozen = [c for c in COMPONENTS if c not in config.components]
         self.model.requires_grad_(False)
         if adapter_dir is not None:
             self.model.load_adapter(adapter_dir)
         else:
             self.model.add_adapter(config)
+        if self.base_model is not None:  # recorded now: the weights trained on, whatever happens to the folder later
+            self.model.adapter.base_model = self.base_model
+            self.model.adapter.base_sha256 = lora_utils.weights_sha256(self.base_model)
         self.hparams["lora"] = asdict(self.model.adapter)  # so that a checkpoint rebuilds the same layers
         trainable, total = lora_utils.count_parameters(self.model)
         parts = sum(p.numel() for c in config.components for p in self._component(c).parameters() if not p.requires_grad)
@@ -233,7 +250,7 @@ class FoundationModule(L.LightningModule):
 
     # ---- training ------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.model.adapter is not None and self.base_model is None:
+        if stage == "fit" and self.model.adapter is not None and self.model.adapter.base_sha256 is None:
             raise ValueError("model.lora needs model.init_from: the base model folder the adapter is trained on")
         world = self.trainer.world_size if self._trainer is not None else 1
         # Across ranks: each rank scores its local batch against all gathered features, with grads.
@@ -241,6 +258,11 @@ class FoundationModule(L.LightningModule):
             local_loss=world > 1, gather_with_grad=world > 1, cache_labels=True,
             rank=self.global_rank, world_size=world,
         )
+        if self._trainer is not None and self.model.adapter is not None:
+            from lightning.pytorch.strategies import FSDPStrategy
+
+            if isinstance(self.trainer.strategy, FSDPStrategy):
+                raise ValueError("model.lora does not work with FSDP here yet (its export gathers full weights): use ddp; adapters are small")
         if self.ema is not None and self._trainer is not None:
             from lightning.pytorch.strategies import FSDPStrategy
 
