@@ -230,14 +230,13 @@ def load_adapter(model: "FoundationModel", directory: str | Path) -> AdapterConf
     state = load_file(str(directory / ADAPTER_WEIGHTS), device=str(model.pixel_mean.device))
     add_adapter(model, config)
     parts = components(model)
-    expected = set(adapter_state_dict(model))
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    expected = adapter_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         unload_adapter(model)
         show = lambda names: ", ".join(names[:5]) + (" ..." if len(names) > 5 else "") or "none"  # noqa: E731
         raise ValueError(f"{directory}: {ADAPTER_WEIGHTS} does not match its config (missing: {show(missing)}; unexpected: {show(unexpected)})")
-    expected_shapes = adapter_state_dict(model)
-    wrong = [k for k in state if state[k].shape != expected_shapes[k].shape]
+    wrong = [k for k in state if state[k].shape != expected[k].shape]
     if wrong:
         unload_adapter(model)
         raise ValueError(f"{directory}: tensor shapes do not match its config (r={config.r}) and this model: {', '.join(wrong[:5])}")

@@ -142,13 +142,18 @@ def render(sample: ShapeSample, image_size: int = 32, jitter: tuple[int, int] = 
     return image
 
 
+def _jitter(rng: np.random.Generator, image_size: int) -> tuple[int, int]:
+    """A random (dx, dy) offset of up to 4% of the image, so no two renders line up exactly."""
+    max_jitter = max(1, round(0.04 * image_size))
+    return tuple(int(j) for j in rng.integers(-max_jitter, max_jitter + 1, size=2))
+
+
 def generate(seed: int, split: str, index: int, image_size: int = 32) -> tuple[Image.Image, str, ShapeSample]:
     """The sample at ``index`` of ``split`` ('train' or 'val'): always the same image and caption."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     rng = np.random.default_rng([seed, 0 if split == "train" else 1, index])
-    max_jitter = max(1, round(0.04 * image_size))
-    jitter = tuple(int(j) for j in rng.integers(-max_jitter, max_jitter + 1, size=2))
+    jitter = _jitter(rng, image_size)
     if split == "train":
         sample = TRAIN_COMBOS[int(rng.integers(len(TRAIN_COMBOS)))]
         keep_size, keep_pos = rng.random(2) < 0.5  # attribute dropout: "a red circle" means any size/position
@@ -295,8 +300,7 @@ def write_new_domain(root: str | Path, count: int = 480, seed: int = 0, shapes: 
         color, size, position = (COLOR_NAMES[int(rng.integers(len(COLOR_NAMES)))], SIZES[int(rng.integers(len(SIZES)))],
                                  POSITIONS[int(rng.integers(len(POSITIONS)))])
         sample = ShapeSample(shape, color, size, position)
-        max_jitter = max(1, round(0.04 * image_size))
-        jitter = tuple(int(j) for j in rng.integers(-max_jitter, max_jitter + 1, size=2))
+        jitter = _jitter(rng, image_size)
         keep_size, keep_pos, keep_color = rng.random(3) < (0.5, 0.5, 0.75)
         caption = describe(sample, bool(keep_size), bool(keep_pos), TEMPLATES[int(rng.integers(len(TEMPLATES)))], bool(keep_color))
         name = f"{shape}/{index:05d}.png"
