@@ -21,7 +21,7 @@ from open_clip.loss import ClipLoss
 
 from encoders import DualEncoder
 from encoders.open_clip_import import encoder_config_from_open_clip
-from multimodal.config import PRESETS, FoundationConfig
+from multimodal.config import PRESETS, FoundationConfig, merge_dicts
 
 
 def open_clip_cfg(cfg: FoundationConfig) -> dict:
@@ -68,8 +68,7 @@ def main() -> None:
     oc_cfg = open_clip_cfg(cfg)
     torch.manual_seed(0)
     ref = open_clip.CLIP(**oc_cfg).train()
-    ours_cfg = encoder_config_from_open_clip(oc_cfg)
-    ours_cfg.text.trim_padding = not args.no_trim
+    ours_cfg = FoundationConfig.from_dict(merge_dicts(encoder_config_from_open_clip(oc_cfg), {"text": {"trim_padding": not args.no_trim}}))
     ours = DualEncoder(ours_cfg).train()
     n_ours, n_ref = (sum(p.numel() for p in m.parameters()) for m in (ours, ref))
     assert n_ours == n_ref, (n_ours, n_ref)

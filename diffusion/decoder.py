@@ -7,14 +7,16 @@ import copy
 
 import math
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from .config import DecoderConfig
 from .processor import CoreAttnProcessor
+
+if TYPE_CHECKING:  # the config module imports nothing of ours: no cycle
+    from multimodal.config import DecoderConfig
 
 
 class TextCondition(NamedTuple):
@@ -36,8 +38,7 @@ class TextCondition(NamedTuple):
         )
 
 
-def build_unet(config: DecoderConfig, cross_attention_dim: int, text_embed_dim: int | None = None) -> UNet2DConditionModel:
-    config.validate()
+def build_unet(config: "DecoderConfig", cross_attention_dim: int, text_embed_dim: int | None = None) -> UNet2DConditionModel:
     if config.text_embed_conditioning and text_embed_dim is None:
         raise ValueError("text_embed_dim is required when decoder.text_embed_conditioning is on")
     channels = tuple(config.block_out_channels)
@@ -66,7 +67,7 @@ class Decoder(nn.Module):
     times sqrt(E) (entries of unit variance, like the sinusoidal timestep features they join);
     a diffusers user of the exported ``decoder/`` passes the same."""
 
-    def __init__(self, config: DecoderConfig, cross_attention_dim: int, text_embed_dim: int | None = None,
+    def __init__(self, config: "DecoderConfig", cross_attention_dim: int, text_embed_dim: int | None = None,
                  attention_backend: str | None = None):
         super().__init__()
         self.config = config
@@ -74,6 +75,13 @@ class Decoder(nn.Module):
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.unet.to(memory_format=self.memory_format)
         self.set_attention_backend(attention_backend)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the UNet's activations in the backward pass (diffusers' own switch)."""
+        if enable:
+            self.unet.enable_gradient_checkpointing()
+        else:
+            self.unet.disable_gradient_checkpointing()
 
     def set_attention_backend(self, backend: str | None) -> None:
         """Install the core processor on every attention module of the UNet."""

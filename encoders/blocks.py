@@ -12,7 +12,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import attention
-from .config import ACTIVATIONS
 
 
 class LayerNorm(nn.LayerNorm):
@@ -29,10 +28,13 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
 def make_activation(name: str) -> nn.Module:
     if name not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
-    return nn.GELU() if name == "gelu" else QuickGELU()
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]()
 
 
 class KVCache:

@@ -6,13 +6,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import EncoderConfig
+from typing import TYPE_CHECKING
+
 from .image import ImageEncoder
 from .text import TextEncoder
 
+if TYPE_CHECKING:  # the config module imports nothing of ours: no cycle
+    from multimodal.config import FoundationConfig
+
 
 class DualEncoder(nn.Module):
-    def __init__(self, config: EncoderConfig):
+    def __init__(self, config: "FoundationConfig"):
+        """``config``: anything with ``embed_dim``, ``text``, ``image``, ``logit_scale_init``,
+        ``attention_backend`` and ``grad_checkpointing`` (a ``FoundationConfig``)."""
         super().__init__()
         self.config = config
         backend = config.attention_backend

@@ -5,12 +5,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from typing import TYPE_CHECKING
+
 from .blocks import LayerNorm, Transformer
-from .config import ImageEncoderConfig
+
+if TYPE_CHECKING:  # the config module imports nothing of ours: no cycle
+    from multimodal.config import ImageEncoderConfig
 
 
 class ImageEncoder(nn.Module):
-    def __init__(self, config: ImageEncoderConfig, embed_dim: int, backend: str | None = None):
+    def __init__(self, config: "ImageEncoderConfig", embed_dim: int, backend: str | None = None):
         super().__init__()
         if config.image_size % config.patch_size:
             raise ValueError(f"image_size {config.image_size} must be a multiple of patch_size {config.patch_size}")

@@ -12,8 +12,6 @@ from typing import Any
 
 import torch
 
-from .config import EncoderConfig, ImageEncoderConfig, TextEncoderConfig
-from .dual import DualEncoder
 
 _UNSUPPORTED_VISION = {
     "attentional_pool": False, "ls_init_value": None, "no_ln_pre": False, "final_ln_after_pool": False,
@@ -35,8 +33,10 @@ def _check_supported(cfg: dict[str, Any], defaults: dict[str, Any], tower: str) 
             raise ValueError(f"open_clip {tower} option {key}={cfg[key]!r} is not supported (needs {ok!r})")
 
 
-def encoder_config_from_open_clip(model_cfg: dict[str, Any], **overrides: Any) -> EncoderConfig:
-    """Translate an open_clip model config dict (``embed_dim``, ``vision_cfg``, ``text_cfg``)."""
+def encoder_config_from_open_clip(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """Translate an open_clip model config dict (``embed_dim``, ``vision_cfg``, ``text_cfg``) into
+    the encoder fields of a ``FoundationConfig`` as a plain dict (``embed_dim``, ``text``,
+    ``image``); ``FoundationConfig.from_dict`` checks it."""
     vision, text = dict(model_cfg.get("vision_cfg", {})), dict(model_cfg.get("text_cfg", {}))
     if isinstance(vision.get("layers"), (list, tuple)):
         raise ValueError("open_clip ResNet image towers are not supported; use a ViT model")
@@ -48,17 +48,17 @@ def encoder_config_from_open_clip(model_cfg: dict[str, Any], **overrides: Any) -
         raise ValueError(f"open_clip text_cfg proj_type={text['proj_type']!r} is not supported")
     act = "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"
     v_width = vision.get("width", 768)
-    image = ImageEncoderConfig(
-        image_size=vision.get("image_size", 224), patch_size=vision.get("patch_size", 16), width=v_width,
-        layers=vision.get("layers", 12), heads=v_width // vision.get("head_width", 64),
-        mlp_ratio=vision.get("mlp_ratio", 4.0), activation=act,
-    )
-    text_cfg = TextEncoderConfig(
-        vocab_size=text.get("vocab_size", 49408), context_length=text.get("context_length", 77),
-        width=text.get("width", 512), layers=text.get("layers", 12), heads=text.get("heads", 8),
-        mlp_ratio=text.get("mlp_ratio", 4.0), activation=act,
-    )
-    return EncoderConfig(embed_dim=model_cfg["embed_dim"], text=text_cfg, image=image, **overrides)
+    image = {
+        "image_size": vision.get("image_size", 224), "patch_size": vision.get("patch_size", 16), "width": v_width,
+        "layers": vision.get("layers", 12), "heads": v_width // vision.get("head_width", 64),
+        "mlp_ratio": vision.get("mlp_ratio", 4.0), "activation": act,
+    }
+    text_cfg = {
+        "vocab_size": text.get("vocab_size", 49408), "context_length": text.get("context_length", 77),
+        "width": text.get("width", 512), "layers": text.get("layers", 12), "heads": text.get("heads", 8),
+        "mlp_ratio": text.get("mlp_ratio", 4.0), "activation": act,
+    }
+    return {"embed_dim": model_cfg["embed_dim"], "text": text_cfg, "image": image}
 
 
 _RULES = [
@@ -113,10 +113,11 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a safetensors file and holds objects other than tensors: {err}") from None
 
 
-def dual_encoder_from_open_clip(
-    model_name: str | dict[str, Any], pretrained: str | None = None, **overrides: Any
-) -> DualEncoder:
-    """open_clip model name (or config dict) + weights (local file or open_clip tag) -> DualEncoder.
+def open_clip_encoder_source(
+    model_name: str | dict[str, Any], pretrained: str | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """open_clip model name (or config dict) + weights -> (encoder config fields, ``DualEncoder``
+    state dict or None without ``pretrained``).
 
     ``pretrained`` may be a local ``.safetensors``/``.pt`` file, an open_clip pretrained tag
     (downloads, so needs internet), or None for the random-init open_clip architecture.
@@ -131,19 +132,13 @@ def dual_encoder_from_open_clip(
         model_cfg = model_name
     if isinstance(model_name, str) and model_name.endswith("-quickgelu"):
         model_cfg = {**model_cfg, "quick_gelu": True}
-    encoders = DualEncoder(encoder_config_from_open_clip(model_cfg, **overrides))
+    fields = encoder_config_from_open_clip(model_cfg)
     if pretrained is None:
-        return encoders
+        return fields, None
     if Path(pretrained).exists():
         state = load_state_file(pretrained)
     else:
         if not isinstance(model_name, str):
             raise ValueError(f"pretrained={pretrained!r} is neither a local file nor usable as a tag without a model name")
         state = open_clip.create_model(model_name, pretrained=pretrained).state_dict()
-    result = encoders.load_state_dict(convert_open_clip_state_dict(state), strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"open_clip weights do not match the architecture: missing {result.missing_keys}, "
-            f"unexpected {result.unexpected_keys}"
-        )
-    return encoders
+    return fields, convert_open_clip_state_dict(state)

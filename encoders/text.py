@@ -6,12 +6,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from typing import TYPE_CHECKING
+
 from .blocks import KVCache, LayerNorm, Transformer
-from .config import TextEncoderConfig
+
+if TYPE_CHECKING:  # the config module imports nothing of ours: no cycle
+    from multimodal.config import TextEncoderConfig
 
 
 class TextEncoder(nn.Module):
-    def __init__(self, config: TextEncoderConfig, embed_dim: int, backend: str | None = None):
+    def __init__(self, config: "TextEncoderConfig", embed_dim: int, backend: str | None = None):
         super().__init__()
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.width)

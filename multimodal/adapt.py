@@ -10,21 +10,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .pipeline import FoundationPipeline, ImageInput
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-# The zero-shot prompt ensemble used when none is given (CLI, class-folder validation).
-DEFAULT_TEMPLATES = ("a {}", "a picture of a {}", "an image of a {}", "a drawing of a {}")
-
-
-def prototypes(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Class prototypes [C, E]: the normalized mean of each class's (normalized) embeddings."""
-    # embeddings [N, E], labels [N]
-    sums = torch.zeros(num_classes, embeddings.shape[1], dtype=embeddings.dtype).index_add_(0, labels, embeddings)
-    if (torch.bincount(labels, minlength=num_classes) == 0).any():
-        raise ValueError("every class needs at least one example")
-    return torch.nn.functional.normalize(sums, dim=-1)
+from .files import IMAGE_SUFFIXES
+from .pipeline import FoundationPipeline
+from .preprocess import ImageInput
+from .zero_shot import prototypes
 
 
 def fit_linear_probe(

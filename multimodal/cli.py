@@ -8,6 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .config import SCHEDULER_NAMES  # standard library only: --help stays fast
+
 TRAIN_COMMANDS = ("fit", "validate", "test", "predict")
 USAGE = """usage: multimodal {fit,validate,test,predict,export,merge,generate,classify,caption,complete,demo,probe} ...
 
@@ -95,7 +97,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from .pipeline import FoundationPipeline
 
-    pipe = _pipeline(args, scheduler=args.scheduler)
+    pipe = _pipeline(args, scheduler=args.scheduler)  # None: the model's recommended settings (config.sampling)
     out = pipe(
         args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
         num_images_per_prompt=args.num_images,
@@ -142,7 +144,7 @@ def _classify(args: argparse.Namespace) -> int:
         scores = pipe.classify_few_shot(args.images, [str(p) for p in paths], support_labels)
         probs = (pipe.model.encoders.logit_scale.exp().float().cpu() * scores).softmax(-1)
     else:
-        from .adapt import DEFAULT_TEMPLATES
+        from .templates import DEFAULT_TEMPLATES
 
         labels = [label.strip() for label in args.labels.split(",") if label.strip()]
         if len(labels) < 2:
@@ -167,7 +169,8 @@ def _complete(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from .adapt import DEFAULT_TEMPLATES, labeled_folder, probe
+    from .adapt import labeled_folder, probe
+    from .templates import DEFAULT_TEMPLATES
     from .pipeline import FoundationPipeline
 
     paths, labels, classes = labeled_folder(args.data)
@@ -225,12 +228,13 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="a save_pretrained folder (default: the shipped shapes model)")
     gen.add_argument("--adapter", default=None, help="a LoRA adapter folder to apply (alone: on the base it records)")
-    gen.add_argument("--out", default="image.png")
-    gen.add_argument("--negative", default=None, help="negative prompt")
-    gen.add_argument("--steps", type=int, default=25)
-    gen.add_argument("--guidance", type=float, default=5.0)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--scheduler", default="dpm++")
+    gen.add_argument("--out", default="image.png", help="output PNG (several images: NAME_0.png, NAME_1.png, ...; default image.png)")
+    gen.add_argument("--negative", default=None, help="negative prompt (default: the empty prompt)")
+    gen.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's recommended, config.json 'sampling')")
+    gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's recommended)")
+    gen.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
+    gen.add_argument("--scheduler", default=None, choices=SCHEDULER_NAMES,
+                     help="sampling scheduler (default: the model's recommended)")
     gen.add_argument("--num-images", type=int, default=1)
     cap = sub.add_parser("caption", help="image(s) -> caption(s)")
     cap.add_argument("images", nargs="+", help="image file(s)")

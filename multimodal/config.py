@@ -1,28 +1,178 @@
-"""``FoundationConfig`` and its named presets (``tiny`` for tests, ``shapes`` for the embedded
-default, ``base`` for GPUs). Unknown keys anywhere are an error that names them."""
+"""Every configuration of the project in one module: the model's component dataclasses, its
+recommended sampling settings, the named presets, the training stages, LoRA adapters, token
+generation and the demo's limits.
+
+One style throughout: typed dataclasses that check themselves in ``__post_init__`` (an error
+names the field and the allowed range), composed (``FoundationConfig`` holds its parts, it does
+not inherit them), built from nested dicts by ``from_dict`` which names unknown keys. This
+module imports only the standard library, so every package can read it without cycles.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from diffusion.config import DecoderConfig
-from encoders.config import EncoderConfig, config_from_dict, merge_dicts
+T = TypeVar("T")
 
-from .language import LanguageHeadConfig
+ACTIVATIONS = ("gelu", "quick_gelu")
+ATTENTION_BACKENDS = ("auto", "sdpa", "math", "xformers")
+SCHEDULER_NAMES = ("ddim", "dpm++", "euler", "euler_a", "unipc", "ddpm")
+COMPONENTS = ("text", "image", "decoder", "language")
+LOSSES = ("contrastive", "diffusion", "caption")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+def _choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
 @dataclass
-class FoundationConfig(EncoderConfig):
-    """The whole model. Encoder fields come from ``EncoderConfig``; heads are added beside them
-    (``decoder: None`` means a model without a diffusion decoder, ``language: None`` one
-    without a language head)."""
+class TextEncoderConfig:
+    """Causal transformer over open_clip's BPE tokens (open_clip ``CLIPTextCfg`` subset)."""
 
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    activation: str = "gelu"  # "gelu" | "quick_gelu" (OpenAI weights)
+    trim_padding: bool = True  # skip positions after the batch's longest text (same embeddings)
+
+    def __post_init__(self) -> None:
+        _check(self.context_length >= 3, f"text.context_length must be at least 3, got {self.context_length}")
+        _check(self.layers >= 1 and self.heads >= 1, f"text.layers and text.heads must be at least 1, got {self.layers}, {self.heads}")
+        _check(self.width % self.heads == 0, f"text.width ({self.width}) must be a multiple of text.heads ({self.heads})")
+        _choice(self.activation, "text.activation", ACTIVATIONS)
+
+
+@dataclass
+class ImageEncoderConfig:
+    """ViT with a class token (open_clip ``CLIPVisionCfg`` subset)."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    channels: int = 3
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    activation: str = "gelu"
+    # Normalization applied by the model to pixel values in [0, 1].
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    def __post_init__(self) -> None:
+        _check(self.image_size >= 1 and self.patch_size >= 1 and self.image_size % self.patch_size == 0,
+               f"image.image_size ({self.image_size}) must be a positive multiple of image.patch_size ({self.patch_size})")
+        _check(self.layers >= 1 and self.heads >= 1, f"image.layers and image.heads must be at least 1, got {self.layers}, {self.heads}")
+        _check(self.width % self.heads == 0, f"image.width ({self.width}) must be a multiple of image.heads ({self.heads})")
+        _choice(self.activation, "image.activation", ACTIVATIONS)
+        _check(len(self.mean) == self.channels and len(self.std) == self.channels and min(self.std) > 0,
+               f"image.mean / image.std need {self.channels} values (std > 0), got {self.mean}, {self.std}")
+
+
+@dataclass
+class DecoderConfig:
+    """A diffusers ``UNet2DConditionModel`` in pixel space (images up to 64x64), cross-attending
+    to the shared text encoder's token states, with its training noise schedule."""
+
+    image_size: int = 32
+    channels: int = 3
+    block_out_channels: tuple[int, ...] = (64, 128)
+    layers_per_block: int = 1
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "UpBlock2D")
+    attention_head_dim: int = 32  # channels per head
+    norm_num_groups: int = 32
+    # Also condition on the text's unit embedding in the shared space, added to the timestep
+    # embedding of every ResNet block (diffusers class_embed_type "projection", as in unCLIP):
+    # a global signal next to the per-token cross-attention; small decoders learn much faster.
+    text_embed_conditioning: bool = True
+    channels_last: bool = False  # NHWC: often faster on GPUs; ~8% slower per CPU training step
+    num_train_timesteps: int = 1000
+    # "linear" (DDPM) keeps epsilon prediction well conditioned (at t = T the cosine schedule's
+    # sqrt(alpha_bar) of 5e-5 amplifies noise errors 20000x); pair "squaredcos_cap_v2" with "v_prediction".
+    beta_schedule: str = "linear"
+    prediction_type: str = "epsilon"  # "epsilon" | "v_prediction"
+    cfg_dropout: float = 0.1  # probability that a caption is replaced by the empty prompt
+    min_snr_gamma: float | None = None  # min-SNR-gamma loss weighting (e.g. 5.0); None = off
+    ema_decay: float = 0.999  # 0 turns the EMA off (validation and export use the raw weights)
+
+    def __post_init__(self) -> None:
+        n = len(self.block_out_channels)
+        _check(n >= 1 and 1 <= self.image_size <= 64 and self.image_size % 2 ** (n - 1) == 0,
+               f"decoder.image_size must be in [1, 64] and divisible by the UNet's downsampling ({2 ** max(n - 1, 0)}), got {self.image_size}")
+        _check(len(self.down_block_types) == n and len(self.up_block_types) == n,
+               "decoder.down_block_types / up_block_types need one entry per block_out_channels")
+        _check(all(c % self.attention_head_dim == 0 and c % self.norm_num_groups == 0 for c in self.block_out_channels),
+               "decoder.block_out_channels must be multiples of attention_head_dim and norm_num_groups")
+        _choice(self.prediction_type, "decoder.prediction_type", ("epsilon", "v_prediction"))
+        _check(0.0 <= self.ema_decay < 1.0, f"decoder.ema_decay must be in [0, 1), got {self.ema_decay}")
+        _check(0.0 <= self.cfg_dropout < 1.0, f"decoder.cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
+        _check(self.min_snr_gamma is None or self.min_snr_gamma > 0, f"decoder.min_snr_gamma must be > 0 or null, got {self.min_snr_gamma}")
+
+
+@dataclass
+class LanguageHeadConfig:
+    """CoCa's multimodal text decoder: ``layers`` causal blocks over the text encoder's states."""
+
+    layers: int = 2
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    activation: str = "gelu"
+    text_only_prob: float = 0.1  # captions seen without their image: text-only completion in distribution
+
+    def __post_init__(self) -> None:
+        _check(self.layers >= 1 and self.heads >= 1, f"language.layers and language.heads must be at least 1, got {self.layers}, {self.heads}")
+        _check(0.0 <= self.text_only_prob < 1.0, f"language.text_only_prob must be in [0, 1), got {self.text_only_prob}")
+        _choice(self.activation, "language.activation", ACTIVATIONS)
+
+
+@dataclass
+class SamplingConfig:
+    """The recommended image sampling settings of a model: every door (API, CLI, demo,
+    validation, sample grids) uses them unless told otherwise, so one prompt and seed give one
+    image whichever door it comes through."""
+
+    scheduler: str = "dpm++"
+    steps: int = 25
+    guidance_scale: float = 5.0
+
+    def __post_init__(self) -> None:
+        _choice(self.scheduler, "sampling.scheduler", SCHEDULER_NAMES)
+        _check(isinstance(self.steps, int) and 1 <= self.steps <= 1000, f"sampling.steps must be an integer in [1, 1000], got {self.steps}")
+        _check(0.0 <= self.guidance_scale <= 100.0, f"sampling.guidance_scale must be in [0, 100], got {self.guidance_scale}")
+
+
+@dataclass
+class FoundationConfig:
+    """The whole model, composed of its parts: both encoders project into one ``embed_dim``
+    space; ``decoder: None`` is a model without a diffusion decoder, ``language: None`` one
+    without a language head."""
+
+    embed_dim: int = 512
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    logit_scale_init: float = 2.6592600369644043  # log(1 / 0.07), as CLIP
+    attention_backend: str = "auto"  # see encoders.attention
+    grad_checkpointing: bool = False  # every transformer block of every component, and the UNet
     decoder: DecoderConfig | None = None
     language: LanguageHeadConfig | None = None
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.embed_dim >= 1, f"embed_dim must be at least 1, got {self.embed_dim}")
+        _choice(self.attention_backend, "attention_backend", ATTENTION_BACKENDS)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FoundationConfig":
@@ -31,8 +181,7 @@ class FoundationConfig(EncoderConfig):
     @classmethod
     def from_preset(cls, name: str, overrides: dict[str, Any] | None = None) -> "FoundationConfig":
         """A named preset with optional nested overrides, e.g. ``{"text": {"layers": 2}}``."""
-        if name not in PRESETS:
-            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+        _choice(name, "preset", tuple(sorted(PRESETS)))
         return cls.from_dict(merge_dicts(PRESETS[name], overrides or {}))
 
     def to_dict(self) -> dict[str, Any]:
@@ -43,7 +192,11 @@ class FoundationConfig(EncoderConfig):
 
     @classmethod
     def load(cls, path: str | Path) -> "FoundationConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            data = json.loads(Path(path).read_text())
+        except ValueError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        return cls.from_dict(data)
 
 
 _HALF = (0.5, 0.5, 0.5)
@@ -72,3 +225,173 @@ PRESETS: dict[str, dict[str, Any]] = {
         "language": {"layers": 12, "heads": 8},  # CoCa-Base's multimodal text decoder
     },
 }
+
+
+@dataclass
+class StageConfig:
+    """Which losses train (their weights) and which components stay frozen."""
+
+    loss_weights: dict[str, float]
+    freeze: list[str]
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.loss_weights) - set(LOSSES))
+        _check(not unknown, f"model.loss_weights has unknown loss(es) {unknown}; known: {', '.join(LOSSES)}")
+        _check(all(w >= 0 for w in self.loss_weights.values()), f"model.loss_weights must be >= 0, got {self.loss_weights}")
+        self.loss_weights = {k: float(self.loss_weights.get(k, 0.0)) for k in LOSSES}
+        bad = sorted(set(self.freeze) - set(COMPONENTS))
+        _check(not bad, f"model.freeze entries must be among {COMPONENTS}, got {self.freeze}")
+
+    def uses(self, loss: str) -> bool:
+        return self.loss_weights[loss] > 0
+
+
+STAGES: dict[str, StageConfig] = {
+    "align": StageConfig({"contrastive": 1.0}, ["decoder", "language"]),
+    "decoder": StageConfig({"diffusion": 1.0}, ["text", "image", "language"]),
+    # CoCa: contrastive and captioning losses in the same step, on the same text encoder pass
+    "language": StageConfig({"contrastive": 1.0, "caption": 2.0}, ["decoder"]),
+    "joint": StageConfig({"contrastive": 1.0, "diffusion": 1.0, "caption": 2.0}, []),
+}
+
+
+def stage_config(stage: str, loss_weights: dict[str, float] | None = None, freeze: list[str] | None = None) -> StageConfig:
+    """A stage preset with the user's loss weights / frozen components laid over it."""
+    _choice(stage, "model.stage", tuple(STAGES))
+    preset = STAGES[stage]
+    return StageConfig({**preset.loss_weights, **(loss_weights or {})}, list(preset.freeze if freeze is None else freeze))
+
+
+# Module-name suffixes (peft matches ``name == t or name.endswith("." + t)``) of the attention and
+# MLP projections: our transformer blocks, and diffusers' transformer blocks inside the UNet.
+_BLOCK_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+LORA_TARGETS: dict[str, list[str]] = {
+    "text": _BLOCK_TARGETS,
+    "image": _BLOCK_TARGETS,
+    "language": _BLOCK_TARGETS + ["cross_attn.q", "cross_attn.kv", "cross_attn.proj"],
+    "decoder": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
+}
+
+
+@dataclass
+class AdapterConfig:
+    """Which components get LoRA and how big it is.
+
+    components: among ``text``, ``image``, ``decoder``, ``language``.
+    r / alpha / dropout: LoRA rank, scale (the update is ``B @ A * alpha / r``) and input dropout.
+    targets: per component, module-name suffixes to adapt (default: ``LORA_TARGETS``).
+    base_model / base_sha256: the base folder and its weights' hash (filled in when saved).
+    """
+
+    components: list[str] = field(default_factory=lambda: ["text", "image"])
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: dict[str, list[str]] | None = None
+    base_model: str | None = None
+    base_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.components) - set(LORA_TARGETS))
+        _check(bool(self.components) and not unknown and len(set(self.components)) == len(self.components),
+               f"lora components must be a non-empty subset of {sorted(LORA_TARGETS)} without repeats, got {self.components}")
+        _check(self.r >= 1, f"lora r must be at least 1, got {self.r}")
+        _check(self.alpha > 0, f"lora alpha must be positive, got {self.alpha}")
+        _check(0 <= self.dropout < 1, f"lora dropout must be in [0, 1), got {self.dropout}")
+        extra = sorted(set(self.targets or {}) - set(self.components))
+        _check(not extra, f"lora targets given for component(s) {extra} that are not in components {self.components}")
+
+    def target_modules(self, component: str) -> list[str]:
+        return list((self.targets or {}).get(component) or LORA_TARGETS[component])
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "AdapterConfig":
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: not a valid adapter config ({err})") from err
+
+
+@dataclass
+class GenerationArgs:
+    """How tokens are chosen. ``num_beams > 1``: beam search; ``do_sample``: sampling with
+    ``temperature`` / ``top_k`` / ``top_p``; otherwise greedy."""
+
+    max_new_tokens: int = 16
+    min_new_tokens: int = 0  # end-of-text is not allowed before this many new tokens
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    length_penalty: float = 1.0
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:  # checked once, where the options are given
+        _check(self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        _check(0 <= self.min_new_tokens <= self.max_new_tokens, f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+        _check(self.num_beams >= 1, f"num_beams must be at least 1, got {self.num_beams}")
+        _check(not (self.num_beams > 1 and self.do_sample), "num_beams > 1 and do_sample=True cannot be combined; pick beam search or sampling")
+        _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        _check(self.top_k is None or self.top_k >= 1, f"top_k must be at least 1 (or None), got {self.top_k}")
+        _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class DemoLimits:
+    """Bounds on what one demo request may ask for."""
+
+    max_steps: int = 50
+    max_images: int = 8
+    max_text_chars: int = 200
+    max_labels: int = 32
+    max_uploads: int = 16
+    max_guidance: float = 20.0
+    max_new_tokens: int = 32
+    max_file_size: str = "2mb"
+    queue_size: int = 64
+    concurrency: int = 2
+
+
+def config_from_dict(cls: type[T], data: dict[str, Any] | T, path: str = "") -> T:
+    """Build dataclass ``cls`` from a nested dict; unknown keys are an error naming the key."""
+    if isinstance(data, cls):
+        return data
+    where = f"config{'.' + path if path else ''}"
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown config key(s){' in ' + repr(path) if path else ''}: {', '.join(map(repr, unknown))}; allowed: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        sub = f"{path}.{key}" if path else key
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and isinstance(value, dict):
+            hint = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), hint)  # Optional[Config]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = config_from_dict(hint, value, sub)
+        elif typing.get_origin(hint) is tuple and isinstance(value, list):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # e.g. a field given a value of the wrong kind
+        raise ValueError(f"{where}: {err}") from None
+
+
+def merge_dicts(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict update (override wins), used to apply user overrides on presets."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_dicts(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -10,7 +10,6 @@ only a convenience of the page), and Gradio serves no file outside its own cache
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,28 +18,14 @@ from PIL import Image
 
 from diffusion.schedule import SCHEDULERS
 
+from .config import DemoLimits
 from .pipeline import FoundationPipeline
+from .preprocess import as_pil
+from .templates import DEFAULT_TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_MODEL = ROOT / "assets" / "models" / "shapes"
 EXAMPLES = ROOT / "assets" / "demo"
-TEMPLATES = ("a {}", "a picture of a {}", "an image of a {}", "a drawing of a {}")
-
-
-@dataclass(frozen=True)
-class DemoLimits:
-    """Bounds on what one request may ask for."""
-
-    max_steps: int = 50
-    max_images: int = 8
-    max_text_chars: int = 200
-    max_labels: int = 32
-    max_uploads: int = 16
-    max_guidance: float = 20.0
-    max_new_tokens: int = 32
-    max_file_size: str = "2mb"
-    queue_size: int = 64
-    concurrency: int = 2
 
 
 def _error(message: str) -> Exception:
@@ -78,10 +63,12 @@ def _image(value: Any, name: str = "image") -> Image.Image:
     if value is None:
         raise _error(f"{name}: upload an image first")
     if isinstance(value, str):  # a path from the queue (file uploads)
-        with Image.open(value) as img:
-            return img.convert("RGB")
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
+        try:
+            return as_pil(value)
+        except ValueError:
+            raise _error(f"{name}: not a readable image") from None
+    if isinstance(value, Image.Image):  # the pipeline's preprocessing makes it RGB, as in training
+        return value
     raise _error(f"{name}: unsupported input {type(value).__name__}")
 
 
@@ -102,6 +89,7 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
     lock = threading.Lock()  # one model, shared by the queue's workers: one call at a time
     gallery = example_images() if gallery is None else gallery
     has_decoder, has_language = pipe.model.decoder is not None, pipe.model.language is not None
+    sampling = pipe.model.config.sampling  # the model's recommended settings: the page's defaults
 
     def generate(prompt, negative, steps, guidance, seed, scheduler, num_images, progress=gr.Progress(track_tqdm=True)):
         prompt = _text(prompt, "prompt", limits)
@@ -128,7 +116,7 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
         if not 2 <= len(names) <= limits.max_labels:
             raise _error(f"labels: give between 2 and {limits.max_labels} comma-separated labels, got {len(names)}")
         with lock:
-            probs = pipe.classify(image, names, templates=TEMPLATES)[0]
+            probs = pipe.classify(image, names, templates=DEFAULT_TEMPLATES)[0]
         return {name: float(p) for name, p in zip(names, probs)}
 
     def search(query, uploads, top_k):
@@ -171,14 +159,15 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
             with gr.Row():
                 with gr.Column():
                     g_prompt = gr.Textbox(label="Prompt", value="a large red circle", max_length=limits.max_text_chars)
-                    g_negative = gr.Textbox(label="Negative prompt", max_length=limits.max_text_chars)
-                    g_steps = gr.Slider(1, limits.max_steps, value=min(25, limits.max_steps), step=1, label="Steps")
-                    g_guidance = gr.Slider(0, limits.max_guidance, value=5.0, step=0.5, label="Guidance")
+                    g_negative = gr.Textbox(label="Negative prompt", value="", max_length=limits.max_text_chars)
+                    g_steps = gr.Slider(1, limits.max_steps, value=min(sampling.steps, limits.max_steps), step=1, label="Steps")
+                    g_guidance = gr.Slider(0, limits.max_guidance, value=min(sampling.guidance_scale, limits.max_guidance),
+                                           step=0.5, label="Guidance")
                     g_seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
-                    g_scheduler = gr.Dropdown(sorted(SCHEDULERS), value="dpm++", label="Scheduler")
+                    g_scheduler = gr.Dropdown(sorted(SCHEDULERS), value=pipe.scheduler, label="Scheduler")
                     g_count = gr.Slider(1, limits.max_images, value=min(4, limits.max_images), step=1, label="Number of images")
                     g_button = gr.Button("Generate", variant="primary")
-                g_gallery = gr.Gallery(label="Images", columns=4, elem_id="generate-gallery")
+                g_gallery = gr.Gallery(label="Images", columns=4, elem_id="generate-gallery", format="png")  # lossless: the pixels the model made
             g_button.click(generate, [g_prompt, g_negative, g_steps, g_guidance, g_seed, g_scheduler, g_count],
                            g_gallery, api_name="generate")
             gr.Examples([["a large red circle"], ["a small blue square at the top left"], ["a green triangle"]], [g_prompt])
@@ -230,7 +219,7 @@ def launch(model: str | Path | None = None, host: str = "127.0.0.1", port: int |
     optionally with a LoRA ``adapter`` on it, and serve the page. Returns the ``gr.Blocks`` (its
     ``local_url`` tells where it runs; ``close()`` stops it)."""
     directory = Path(model) if model is not None else SHIPPED_MODEL
-    pipe = FoundationPipeline.from_pretrained(directory, scheduler="dpm++", adapter=adapter)
+    pipe = FoundationPipeline.from_pretrained(directory, adapter=adapter)
     demo = build_demo(pipe, limits)
     demo.launch(
         server_name=host, server_port=port, share=False, max_file_size=limits.max_file_size,

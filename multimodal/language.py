@@ -9,30 +9,13 @@ cross-attention is skipped: text-only completion and scoring.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from encoders.blocks import KVCache, LayerNorm, Transformer
 
-
-@dataclass
-class LanguageHeadConfig:
-    layers: int = 2
-    heads: int = 8
-    mlp_ratio: float = 4.0
-    activation: str = "gelu"
-    # share of training captions seen without their image, so text-only completion is in
-    # distribution (the cross-attention is skipped for them)
-    text_only_prob: float = 0.1
-
-    def validate(self) -> None:
-        if self.layers < 1:
-            raise ValueError(f"language.layers must be at least 1, got {self.layers}")
-        if not 0.0 <= self.text_only_prob < 1.0:
-            raise ValueError(f"language.text_only_prob must be in [0, 1), got {self.text_only_prob}")
+from .config import GenerationArgs, LanguageHeadConfig
 
 
 class LanguageHead(nn.Module):
@@ -40,7 +23,6 @@ class LanguageHead(nn.Module):
 
     def __init__(self, config: LanguageHeadConfig, width: int, image_width: int, backend: str | None = None):
         super().__init__()
-        config.validate()
         self.config = config
         self.transformer = Transformer(
             width, config.layers, config.heads, config.mlp_ratio, config.activation, context_dim=image_width, backend=backend
@@ -48,43 +30,14 @@ class LanguageHead(nn.Module):
         self.transformer.init_weights()
         self.ln_final = LayerNorm(width)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
     def forward(
         self, text_states: torch.Tensor, image_states: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> torch.Tensor:
         # text_states [B, N, W], image_states [B, M, Wi] or None -> hidden [B, N, W]
         return self.ln_final(self.transformer(text_states, causal=True, context=image_states, cache=cache))
-
-
-@dataclass
-class GenerationArgs:
-    """How tokens are chosen. ``num_beams > 1``: beam search; ``do_sample``: sampling with
-    ``temperature`` / ``top_k`` / ``top_p``; otherwise greedy."""
-
-    max_new_tokens: int = 16
-    min_new_tokens: int = 0  # end-of-text is not allowed before this many new tokens
-    num_beams: int = 1
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float = 1.0
-    length_penalty: float = 1.0
-    use_cache: bool = True
-
-    def __post_init__(self) -> None:  # checked once, where the options are given
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
-        if self.num_beams < 1:
-            raise ValueError(f"num_beams must be at least 1, got {self.num_beams}")
-        if self.num_beams > 1 and self.do_sample:
-            raise ValueError("num_beams > 1 and do_sample=True cannot be combined; pick beam search or sampling")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be at least 1 (or None), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float) -> torch.Tensor:

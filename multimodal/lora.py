@@ -10,8 +10,6 @@ adapter gives back the base model bit for bit; merging folds ``B @ A * alpha / r
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,81 +17,27 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .config import AdapterConfig
+from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, WEIGHTS_NAME
+
 if TYPE_CHECKING:
     from .model import FoundationModel
 
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 ADAPTER_NAME = "default"
-# Module-name suffixes (peft matches ``name == t or name.endswith("." + t)``) of the attention and
-# MLP projections: our transformer blocks, and diffusers' transformer blocks inside the UNet.
-_BLOCK_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
-TARGETS: dict[str, list[str]] = {
-    "text": _BLOCK_TARGETS,
-    "image": _BLOCK_TARGETS,
-    "language": _BLOCK_TARGETS + ["cross_attn.q", "cross_attn.kv", "cross_attn.proj"],
-    "decoder": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
-}
 
 
-@dataclass
-class AdapterConfig:
-    """Which components get LoRA and how big it is.
+def peft_config(config: AdapterConfig, component: str):
+    """peft's ``LoraConfig`` for one component of ``config``."""
+    from peft import LoraConfig
 
-    components: among ``text``, ``image``, ``decoder``, ``language``.
-    r / alpha / dropout: LoRA rank, scale (the update is ``B @ A * alpha / r``) and input dropout.
-    targets: per component, module-name suffixes to adapt (default: ``TARGETS``).
-    base_model / base_sha256: the base folder and its weights' hash (filled in when saved).
-    """
-
-    components: list[str] = field(default_factory=lambda: ["text", "image"])
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: dict[str, list[str]] | None = None
-    base_model: str | None = None
-    base_sha256: str | None = None
-
-    def __post_init__(self) -> None:
-        unknown = sorted(set(self.components) - set(TARGETS))
-        if not self.components or unknown or len(set(self.components)) != len(self.components):
-            raise ValueError(f"lora components must be a non-empty subset of {sorted(TARGETS)} without repeats, got {self.components}")
-        if self.r < 1:
-            raise ValueError(f"lora r must be at least 1, got {self.r}")
-        if self.alpha <= 0:
-            raise ValueError(f"lora alpha must be positive, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout}")
-        extra = sorted(set(self.targets or {}) - set(self.components))
-        if extra:
-            raise ValueError(f"lora targets given for component(s) {extra} that are not in components {self.components}")
-
-    def target_modules(self, component: str) -> list[str]:
-        return list((self.targets or {}).get(component) or TARGETS[component])
-
-    def peft_config(self, component: str):
-        from peft import LoraConfig
-
-        return LoraConfig(
-            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, bias="none",
-            target_modules=self.target_modules(component),
-        )
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: Path) -> "AdapterConfig":
-        try:
-            fields = json.loads(path.read_text())
-            return cls(**fields)
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"{path}: not a valid adapter config ({err})") from err
+    return LoraConfig(
+        r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, bias="none",
+        target_modules=config.target_modules(component),
+    )
 
 
 def weights_sha256(directory: str | Path) -> str:
     """sha256 of a model folder's ``model.safetensors`` (what an adapter was trained on)."""
-    from .model import WEIGHTS_NAME
-
     digest = hashlib.sha256()
     with open(Path(directory) / WEIGHTS_NAME, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -127,7 +71,7 @@ def add_adapter(model: "FoundationModel", config: AdapterConfig) -> None:
     model.adapter = config
     for name in config.components:
         try:
-            inject_adapter_in_model(config.peft_config(name), parts[name], adapter_name=ADAPTER_NAME)
+            inject_adapter_in_model(peft_config(config, name), parts[name], adapter_name=ADAPTER_NAME)
         except ValueError as err:  # peft: "Target modules ... not found in the base model"
             _remove_lora_layers(model, merge=False)  # undo the components already adapted
             raise ValueError(f"lora targets {config.target_modules(name)} match no module of component {name!r} ({err})") from err
@@ -206,8 +150,6 @@ def resolve_base(directory: str | Path, base: str | Path | None = None) -> Path:
             )
         base = found[0]
     base = Path(base)
-    from .model import WEIGHTS_NAME
-
     if not (base / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"base model of {directory}: {base} has no {WEIGHTS_NAME}")
     if config.base_sha256 is not None:

@@ -1,5 +1,7 @@
-"""``FoundationModel``: the shared encoders (and, as they land, the decoder and language head),
-with safetensors persistence and open_clip import."""
+"""``FoundationModel``: the shared encoders, the diffusion decoder and the language head, with a
+``forward`` that computes what every loss needs (``multimodal.losses``), the decoder's
+conditioning (classifier-free-guidance dropout included), safetensors persistence and open_clip
+import."""
 
 from __future__ import annotations
 
@@ -7,21 +9,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from diffusion.decoder import Decoder, TextCondition
+from diffusion.schedule import DDPMObjective
 from encoders.blocks import KVCache
 from encoders.dual import DualEncoder
 from encoders.tokenizer import Tokenizer
 
-from .config import FoundationConfig
-from .language import LanguageHead
 from . import lora
-from .lora import AdapterConfig
+from .config import AdapterConfig, FoundationConfig, merge_dicts
+from .files import CARD_NAME, CONFIG_NAME, DECODER_DIR, PICKLE_SUFFIXES, WEIGHTS_NAME
+from .language import LanguageHead
 
-CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, DECODER_DIR = "config.json", "model.safetensors", "README.md", "decoder"
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# What ``forward`` can compute, by the loss that consumes it.
+HEADS = ("contrastive", "caption", "diffusion")
 
 
 class FoundationModel(nn.Module):
@@ -41,6 +45,106 @@ class FoundationModel(nn.Module):
         self.adapter: AdapterConfig | None = None  # set while a LoRA adapter is injected (multimodal.lora)
         self.register_buffer("pixel_mean", torch.tensor(config.image.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.image.std).view(1, -1, 1, 1), persistent=False)
+        self.objective = DDPMObjective(config.decoder) if config.decoder is not None else None
+        self.set_grad_checkpointing(config.grad_checkpointing)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in the backward pass, in every component (memory for compute)."""
+        self.encoders.set_grad_checkpointing(enable)
+        for part in (self.decoder, self.language):
+            if part is not None:
+                part.set_grad_checkpointing(enable)
+
+    # ---- training forward ----------------------------------------------------------------------
+    def forward(
+        self,
+        batch: dict[str, Any],
+        heads: tuple[str, ...] = ("contrastive",),
+        denoise_batch: int | None = None,
+        denoise_text_grad: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """What the losses of ``heads`` need, from one pass of the shared text encoder.
+
+        ``batch``: ``image`` [B, C, S, S] in [0, 1] and ``caption`` (B texts, or token ids [B, L]).
+        Returns ``image_features`` / ``text_features`` [B, E] (unit norm) and ``logit_scale``
+        (contrastive); ``caption_logits`` [T, V] and ``caption_targets`` [T] over the captions'
+        real next tokens (caption); ``denoise_pred`` / ``denoise_target`` [n, C, S', S'] and
+        ``denoise_weight`` [n] for the first ``denoise_batch`` samples (diffusion), conditioned
+        with classifier-free-guidance dropout. A component whose parameters are all frozen runs
+        without building a graph; ``denoise_text_grad=False`` keeps the denoising loss off the
+        text encoder.
+        """
+        unknown = sorted(set(heads) - set(HEADS))
+        if unknown:
+            raise ValueError(f"heads must be among {HEADS}, got {unknown}")
+        images = batch["image"]  # [B, C, S, S]
+        captions = batch["caption"]
+        tokens = captions if isinstance(captions, torch.Tensor) else self.tokenize(captions)  # [B, L]
+        out: dict[str, torch.Tensor] = {}
+        text_grad = torch.is_grad_enabled() and _trains(self.encoders.text)
+        with torch.set_grad_enabled(text_grad):
+            # full length when the decoder needs states (conditional and empty prompts line up)
+            text_states, text_pooled = self.encoders.text(tokens, trim=False if "diffusion" in heads else None)
+        if "contrastive" in heads or "caption" in heads:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and _trains(self.encoders.image)):
+                image_states, image_pooled = self.encoders.image(self.normalize_pixels(images))  # [B, 1+N, Wi], [B, E]
+        if "contrastive" in heads:
+            out["image_features"] = F.normalize(image_pooled, dim=-1)
+            out["text_features"] = F.normalize(text_pooled, dim=-1)
+            out["logit_scale"] = self.encoders.logit_scale.exp()
+        if "caption" in heads:
+            out["caption_logits"], out["caption_targets"] = self.caption_logits(
+                text_states, tokens[:, : text_states.shape[1]], image_states)
+        if "diffusion" in heads:
+            n = min(images.shape[0], denoise_batch or images.shape[0])
+            states, pooled = text_states[:n], text_pooled[:n]
+            grad = text_grad and denoise_text_grad
+            if not grad:
+                states, pooled = states.detach(), pooled.detach()
+            cond = self.condition(states, pooled, drop_prob=self.config.decoder.cfg_dropout, grad=grad)
+            out.update(self.denoise(images[:n], cond))
+        return out
+
+    def caption_logits(self, text_states: torch.Tensor, tokens: torch.Tensor, image_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token logits [T, V] and targets [T] at the captions' real tokens (padding left
+        out); a ``text_only_prob`` share of captions is read without its image."""
+        # text_states [B, L, W], tokens [B, L], image_states [B, M, Wi]
+        if self.language is None:
+            raise ValueError("the caption loss needs a model with a language head (config.language)")
+        target = tokens[:, 1:]  # [B, L-1]: token i+1 is predicted at position i
+        with_image = torch.rand(tokens.shape[0], device=tokens.device) >= self.config.language.text_only_prob
+        logits, targets = [], []
+        for rows, context in ((with_image, image_states), (~with_image, None)):
+            if rows.any():
+                hidden = self.language(text_states[rows][:, :-1], context[rows] if context is not None else None)
+                real = target[rows] != 0
+                logits.append(self.lm_logits(hidden[real]))  # [T_rows, V]
+                targets.append(target[rows][real])
+        return torch.cat(logits), torch.cat(targets)
+
+    def condition(self, states: torch.Tensor, pooled: torch.Tensor, drop_prob: float = 0.0, grad: bool = False) -> TextCondition:
+        """The decoder's condition from text states [B, L, W] and pooled embeddings [B, E];
+        with ``drop_prob`` each sample is replaced by the empty prompt's condition with that
+        probability (classifier-free-guidance dropout: the unconditional model is learned too)."""
+        cond = TextCondition(states, F.normalize(pooled, dim=-1))
+        if drop_prob > 0:
+            drop = torch.rand(states.shape[0], device=states.device) < drop_prob  # [B]
+            if drop.any():
+                with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+                    empty = self.text_condition([""])  # batch 1
+                cond = cond.where(drop, empty)
+        return cond
+
+    def denoise(self, images: torch.Tensor, cond: TextCondition) -> dict[str, torch.Tensor]:
+        """One draw of the denoising objective on clean ``images`` [n, C, S, S] in [0, 1]."""
+        if self.decoder is None:
+            raise ValueError("the diffusion loss needs a model with a decoder (config.decoder)")
+        size = self.config.decoder.image_size
+        if images.shape[-1] != size:  # e.g. a 224-pixel image tower beside a 64-pixel decoder
+            images = F.interpolate(images, size=size, mode="bicubic", antialias=True).clamp(0, 1)
+        task = self.objective.draw(images * 2 - 1)
+        pred = self.decoder(task.noisy, task.timesteps, cond)  # [n, C, S, S]
+        return {"denoise_pred": pred, "denoise_target": task.target, "denoise_weight": task.weight}
 
     def normalize_pixels(self, images: torch.Tensor) -> torch.Tensor:
         """Pixels in [0, 1], [B, C, S, S] -> the normalized input the image encoder expects."""
@@ -60,7 +164,7 @@ class FoundationModel(nn.Module):
         embeddings [B, E] — from one pass of the shared text encoder."""
         tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
         states, pooled = self.encoders.text(tokens, trim=False)
-        return TextCondition(states, torch.nn.functional.normalize(pooled, dim=-1))
+        return self.condition(states, pooled)
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Pixels in [0, 1], [B, C, S, S] -> the image encoder's token states [B, 1 + N, Wi]
@@ -124,7 +228,7 @@ class FoundationModel(nn.Module):
         """Load a ``save_pretrained`` folder. Only safetensors are read; pickle files are refused."""
         directory = Path(directory)
         if directory.is_file():
-            kind = "pickle-based" if directory.suffix in _PICKLE_SUFFIXES else "a file"
+            kind = "pickle-based" if directory.suffix in PICKLE_SUFFIXES else "a file"
             raise ValueError(
                 f"from_pretrained expects a folder with {CONFIG_NAME} and {WEIGHTS_NAME}; {directory} is {kind}. "
                 "Lightning .ckpt files are for resuming: turn one into a folder with `multimodal export`."
@@ -132,11 +236,11 @@ class FoundationModel(nn.Module):
         if not directory.is_dir():
             raise FileNotFoundError(f"model folder not found: {directory}")
         if not (directory / WEIGHTS_NAME).is_file():
-            found = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+            found = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
             extra = f" (found {found}; pickle files are never loaded)" if found else ""
             raise ValueError(f"{directory} has no {WEIGHTS_NAME}{extra}")
         model = cls(FoundationConfig.load(directory / CONFIG_NAME))
-        state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
+        state = load_file(str(directory / WEIGHTS_NAME))
         missing = sorted(set(model.state_dict()) - set(state))
         unexpected = sorted(set(state) - set(model.state_dict()))
         if missing or unexpected:
@@ -146,7 +250,7 @@ class FoundationModel(nn.Module):
                 f"unexpected: {show(unexpected) or 'none'})"
             )
         model.load_state_dict(state, strict=True)
-        return model.eval()
+        return model.to(map_location).eval()
 
     # ---- LoRA adapters (multimodal.lora) ---------------------------------------------------------
     def add_adapter(self, config: AdapterConfig) -> "FoundationModel":
@@ -178,11 +282,21 @@ class FoundationModel(nn.Module):
         cls, model_name: str | dict[str, Any], pretrained: str | None = None, **config_overrides: Any
     ) -> "FoundationModel":
         """Shared encoders from an open_clip ViT CLIP: a model name or config dict, and weights
-        from a local ``.safetensors``/``.pt`` file or an open_clip pretrained tag (needs internet)."""
-        from encoders.open_clip_import import dual_encoder_from_open_clip
+        from a local ``.safetensors``/``.pt`` file or an open_clip pretrained tag (needs internet).
+        ``config_overrides`` are nested ``FoundationConfig`` fields (``decoder={...}``,
+        ``text={"trim_padding": False}``); unknown keys are an error naming them."""
+        from encoders.open_clip_import import open_clip_encoder_source
 
-        encoders = dual_encoder_from_open_clip(model_name, pretrained)
-        fields = {**encoders.config.__dict__, **config_overrides}
-        model = cls(FoundationConfig(**fields))
-        model.encoders.load_state_dict(encoders.state_dict())
+        fields, state = open_clip_encoder_source(model_name, pretrained)
+        model = cls(FoundationConfig.from_dict(merge_dicts(fields, config_overrides)))
+        if state is not None:
+            result = model.encoders.load_state_dict(state, strict=False)
+            if result.missing_keys or result.unexpected_keys:
+                raise ValueError(f"open_clip weights do not match the architecture: missing {result.missing_keys}, "
+                                 f"unexpected {result.unexpected_keys}")
         return model
+
+
+def _trains(module: nn.Module) -> bool:
+    """Whether any parameter of ``module`` is trained (a frozen one needs no autograd graph)."""
+    return any(p.requires_grad for p in module.parameters())

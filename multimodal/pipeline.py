@@ -14,13 +14,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffusion.decoder import TextCondition
 from diffusion.sampling import sample
 from diffusion.schedule import sampling_scheduler
 
-from .language import GenerationArgs, generate_tokens
+from .config import GenerationArgs
+from .language import generate_tokens
+from .losses import token_log_likelihood
 from .model import FoundationModel
+from .preprocess import ImageInput, as_pil, preprocess
+from .templates import class_prompts
+from .zero_shot import prototypes, zero_shot_weights
 
-ImageInput = Union[Image.Image, np.ndarray, torch.Tensor, str, Path]
 
 
 @dataclass
@@ -45,7 +50,8 @@ class PromptBlocked(ValueError):
 class FoundationPipeline:
     """Args:
         model: a ``FoundationModel``.
-        scheduler: default sampling scheduler (``ddim``, ``dpm++``, ``euler``, ...).
+        scheduler: default sampling scheduler (``ddim``, ``dpm++``, ``euler``, ...); None: the
+            model's recommended one (``config.sampling``), as every other door uses.
         prompt_filter: refuses prompts (generation and completion): a word list (whole words,
             any case) or a callable returning True or a reason (str) for a prompt to refuse.
         output_checker: a callable over generated images [N, C, S, S] in [0, 1] returning one
@@ -54,11 +60,11 @@ class FoundationPipeline:
     """
 
     def __init__(
-        self, model: FoundationModel, scheduler: str = "ddim",
+        self, model: FoundationModel, scheduler: str | None = None,
         prompt_filter: PromptFilter | None = None, output_checker: OutputChecker | None = None,
     ):
         self.model = model.eval()
-        self.scheduler = scheduler
+        self.scheduler = scheduler or model.config.sampling.scheduler
         if prompt_filter is not None and not callable(prompt_filter):
             words = [w.strip().lower() for w in prompt_filter if w.strip()]
             if not words:
@@ -83,8 +89,8 @@ class FoundationPipeline:
         self,
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] | None = None,
-        num_inference_steps: int = 25,
-        guidance_scale: float = 3.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         output_type: str = "pil",
@@ -96,22 +102,42 @@ class FoundationPipeline:
     ) -> GenerationOutput:
         """Generate images from text with the diffusion decoder (classifier-free guidance).
 
-        ``generator``: one generator (images draw their starting noise from it in order) or one
-        per image; with one per image, a batch gives the same images as one call per image.
-        ``negative_prompt`` replaces the empty prompt as the unconditional branch.
+        ``num_inference_steps`` / ``guidance_scale`` / ``scheduler``: None takes the model's
+        recommended settings (``config.sampling``). ``generator``: one generator (images draw
+        their starting noise from it in order) or one per image; with one per image, a batch
+        gives the same images as one call per image. ``negative_prompt`` replaces the empty
+        prompt as the unconditional branch.
         """
+        settings = self.model.config.sampling
+        steps = settings.steps if num_inference_steps is None else num_inference_steps
+        guidance = settings.guidance_scale if guidance_scale is None else guidance_scale
+        prompts, negatives, generators = self.check_inputs(
+            prompt, negative_prompt, steps, guidance, num_images_per_prompt, generator, output_type, height, width)
+        cond, uncond = self.encode_prompt(prompts, negatives, num_images_per_prompt)
+        decoder = self.model.decoder
+        images = sample(
+            decoder, sampling_scheduler(scheduler or self.scheduler, decoder.config), cond, uncond, generators,
+            steps, guidance, show_progress, callback_on_step_end,
+        )
+        return self.postprocess(images, output_type)
+
+    def check_inputs(
+        self, prompt: Any, negative_prompt: Any, steps: int, guidance: float, per_prompt: int,
+        generator: Any, output_type: str, height: int | None, width: int | None,
+    ) -> tuple[list[str], list[str], list[torch.Generator | None]]:
+        """Every argument checked before any work: (prompts, negative prompts, one generator per image)."""
         decoder = self.model.decoder
         if decoder is None:
             raise ValueError("this model has no diffusion decoder (config.decoder is None)")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt must be a non-empty string or list of strings")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+        if not guidance >= 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance}")
+        if per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be at least 1, got {per_prompt}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         size = decoder.config.image_size
@@ -124,7 +150,7 @@ class FoundationPipeline:
             negatives = list(negative_prompt)
         if len(negatives) != len(prompts):
             raise ValueError(f"negative_prompt must be a string or a list as long as prompt ({len(prompts)}), got {len(negatives)}")
-        n = len(prompts) * num_images_per_prompt
+        n = len(prompts) * per_prompt
         if isinstance(generator, (list, tuple)):
             if len(generator) != n:
                 raise ValueError(f"generator list must have one generator per image ({n}), got {len(generator)}")
@@ -136,15 +162,17 @@ class FoundationPipeline:
             self._warned_unfiltered = True
             warnings.warn(
                 "generating without a prompt filter or an output checker: pass prompt_filter= / "
-                "output_checker= to FoundationPipeline to refuse or flag content", UserWarning, stacklevel=2,
+                "output_checker= to FoundationPipeline to refuse or flag content", UserWarning, stacklevel=3,
             )
-        repeat = lambda items: [x for x in items for _ in range(num_images_per_prompt)]  # noqa: E731
-        cond = self.model.text_condition(repeat(prompts))
-        uncond = self.model.text_condition(repeat(negatives))
-        images = sample(
-            decoder, sampling_scheduler(scheduler or self.scheduler, decoder.config), cond, uncond, generators,
-            num_inference_steps, guidance_scale, show_progress, callback_on_step_end,
-        )
+        return prompts, negatives, generators
+
+    def encode_prompt(self, prompts: list[str], negatives: list[str], per_prompt: int = 1) -> tuple[TextCondition, TextCondition]:
+        """The decoder's conditions for the prompts and their negatives, each repeated ``per_prompt`` times."""
+        repeat = lambda items: [x for x in items for _ in range(per_prompt)]  # noqa: E731
+        return self.model.text_condition(repeat(prompts)), self.model.text_condition(repeat(negatives))
+
+    def postprocess(self, images: torch.Tensor, output_type: str) -> GenerationOutput:
+        """Images [N, C, S, S] in [-1, 1] -> [0, 1], the output checker's verdicts, ``output_type``."""
         images = (images.float() + 1) / 2  # [N, C, S, S] in [0, 1]
         flagged = None
         if self.output_checker is not None:
@@ -152,7 +180,7 @@ class FoundationPipeline:
             if len(flagged) != len(images):
                 raise ValueError(f"output_checker returned {len(flagged)} verdicts for {len(images)} images")
             if any(flagged):
-                warnings.warn(f"output checker flagged {sum(flagged)} of {len(flagged)} image(s); they are blacked out", UserWarning, stacklevel=2)
+                warnings.warn(f"output checker flagged {sum(flagged)} of {len(flagged)} image(s); they are blacked out", UserWarning, stacklevel=3)
                 images[torch.tensor(flagged)] = 0
         if output_type == "pt":
             return GenerationOutput(images.cpu(), flagged)
@@ -163,7 +191,7 @@ class FoundationPipeline:
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, device: str | torch.device = "cpu", scheduler: str = "ddim",
+        cls, directory: str | Path, device: str | torch.device = "cpu", scheduler: str | None = None,
         dtype: torch.dtype | None = None, adapter: str | Path | None = None,
     ) -> "FoundationPipeline":
         """Load a ``save_pretrained`` folder (safetensors only: pickle files are refused) onto
@@ -217,7 +245,8 @@ class FoundationPipeline:
         return self.model.pixel_mean.dtype
 
     def _pixels(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
-        """Any supported image input(s) -> float [B, 3, S, S] in [0, 1] at the model's size."""
+        """Any supported image input(s) -> float [B, 3, S, S] in [0, 1] at the model's size,
+        through the same preprocessing as training (``multimodal.preprocess``)."""
         size = self.model.config.image.image_size
         if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] and tuple(images.shape[1:]) == (3, size, size):
             return images.detach().float().clamp(0, 1).to(self.device, self.dtype)  # already a batch at the model's size
@@ -229,27 +258,7 @@ class FoundationPipeline:
             items = [images]
         if not items:
             raise ValueError("images must not be empty")
-        out = []
-        for item in items:
-            if isinstance(item, (str, Path)):
-                if not Path(item).is_file():
-                    raise ValueError(f"images: file not found: {item}")
-                item = Image.open(item)
-            if isinstance(item, torch.Tensor):
-                if item.dim() != 3 or item.shape[0] != 3:
-                    raise ValueError(f"images: a tensor image must be [3, H, W] in [0, 1], got {tuple(item.shape)}")
-                item = Image.fromarray((item.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
-            elif isinstance(item, np.ndarray):
-                if item.dtype != np.uint8:
-                    item = (np.clip(item, 0, 1) * 255).round().astype(np.uint8)
-                item = Image.fromarray(item)
-            if not isinstance(item, Image.Image):
-                raise ValueError(f"images: unsupported type {type(item).__name__} (PIL image, numpy array, tensor or path)")
-            item = item.convert("RGB")
-            if item.size != (size, size):
-                item = item.resize((size, size), Image.BICUBIC)
-            out.append(torch.from_numpy(np.asarray(item).copy()).permute(2, 0, 1))
-        return torch.stack(out).float().div(255).to(self.device, self.dtype)
+        return torch.stack([preprocess(as_pil(item), size) for item in items]).to(self.device, self.dtype)
 
     @torch.no_grad()
     def embed_text(self, texts: str | Sequence[str]) -> torch.Tensor:
@@ -270,11 +279,9 @@ class FoundationPipeline:
     ) -> torch.Tensor:
         """Zero-shot class probabilities [B, len(labels)]; each label's embedding is the mean
         over ``templates`` (a prompt ensemble, e.g. ``("a {}", "a picture of a {}")``)."""
-        if not labels:
-            raise ValueError("labels must not be empty")
-        if not templates or not all("{}" in t for t in templates):
-            raise ValueError("templates must be a non-empty list of strings containing '{}'")
-        classes = zero_shot_weights(self.model, [[t.format(label) for t in templates] for label in labels])
+        if isinstance(labels, str) or not labels or not all(isinstance(x, str) for x in labels):
+            raise ValueError(f"labels must be a non-empty list of strings, got {labels!r}")
+        classes = zero_shot_weights(self.model, class_prompts(labels, templates))
         logits = self.model.encoders.logit_scale.exp() * self.embed_image(images) @ classes.T
         return logits.softmax(dim=-1)
 
@@ -283,8 +290,6 @@ class FoundationPipeline:
     ) -> torch.Tensor:
         """Few-shot class scores [B, C]: cosine similarity to each class's prototype (the mean
         embedding of its labeled ``support`` images; labels are 0..C-1), no training."""
-        from .adapt import prototypes
-
         if len(support) != len(support_labels) or not len(support):
             raise ValueError(f"support and support_labels must be non-empty and as long as each other, got {len(support)} and {len(support_labels)}")
         labels = torch.tensor(list(support_labels))
@@ -371,10 +376,7 @@ class FoundationPipeline:
             if states.shape[0] != 1:
                 raise ValueError(f"image: score takes one image, got {states.shape[0]}")
             states = states.expand(len(texts), -1, -1)
-        logp = model.language_logits(tokens[:, :-1], states).float().log_softmax(-1)  # [T, L-1, V]
-        target = tokens[:, 1:]
-        token_logp = logp.gather(-1, target[..., None]).squeeze(-1)  # [T, L-1]
-        return (token_logp * (target != 0)).sum(-1)
+        return token_log_likelihood(model.language_logits(tokens[:, :-1], states), tokens)  # [T]
 
     @torch.no_grad()
     def retrieve(self, query: str, images: Sequence[ImageInput], top_k: int = 5) -> list[tuple[int, float]]:
@@ -384,12 +386,3 @@ class FoundationPipeline:
         sims = (self.embed_image(images) @ self.embed_text(query).T).squeeze(1)
         values, indices = sims.topk(min(top_k, sims.numel()))
         return [(int(i), float(v)) for i, v in zip(indices, values)]
-
-
-@torch.no_grad()
-def zero_shot_weights(model: FoundationModel, prompts: list[list[str]]) -> torch.Tensor:
-    """Class embeddings [C, E] from a prompt ensemble per class (same count for every class):
-    the normalized mean of the normalized prompt embeddings."""
-    texts = [p for class_prompts in prompts for p in class_prompts]
-    emb = model.encode_text(texts).float().view(len(prompts), len(prompts[0]), -1).mean(dim=1)
-    return torch.nn.functional.normalize(emb, dim=-1)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from multimodal import FoundationConfig, FoundationModel, FoundationPipeline
-from multimodal.adapt import fit_linear_probe, prototypes
+from multimodal.adapt import fit_linear_probe
+from multimodal.zero_shot import prototypes
 from multimodal.cli import main
 from multimodal.demo import SHIPPED_MODEL
 from train.shapes import write_class_folder

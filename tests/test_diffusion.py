@@ -7,7 +7,8 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from diffusion.decoder import Decoder
 from diffusion.processor import CoreAttnProcessor
-from diffusion.schedule import diffusion_loss, train_scheduler
+from diffusion.schedule import DDPMObjective
+from multimodal.losses import denoising_loss
 from encoders.attention import attention_backend
 from multimodal import FoundationPipeline
 
@@ -115,7 +116,8 @@ def test_bad_generation_arguments(tiny_model, kwargs, match):
 def test_diffusion_loss_trains(tiny_model, prediction_type, gamma):
     cfg = tiny_model.config.decoder
     cfg.prediction_type = prediction_type
-    sched = train_scheduler(cfg)
+    cfg.min_snr_gamma = gamma
+    objective = DDPMObjective(cfg)
     images = torch.rand(8, 3, 32, 32) * 2 - 1
     cond = tiny_model.text_condition(["a red circle"] * 8)
     cond = cond._replace(states=cond.states.detach(), embeds=cond.embeds.detach())
@@ -123,7 +125,9 @@ def test_diffusion_loss_trains(tiny_model, prediction_type, gamma):
     losses = []
     for step in range(30):
         torch.manual_seed(step % 3)
-        loss = diffusion_loss(tiny_model.decoder, sched, images, cond, gamma)
+        task = objective.draw(images)
+        pred = tiny_model.decoder(task.noisy, task.timesteps, cond)
+        loss = denoising_loss({"denoise_pred": pred, "denoise_target": task.target, "denoise_weight": task.weight})
         opt.zero_grad()
         loss.backward()
         opt.step()

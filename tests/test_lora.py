@@ -16,10 +16,13 @@ from safetensors.torch import load_file
 
 from diffusion.decoder import TextCondition
 from multimodal import FoundationConfig, FoundationModel, FoundationPipeline
-from multimodal.adapt import DEFAULT_TEMPLATES, labeled_folder
+from multimodal.adapt import labeled_folder
+from multimodal.templates import DEFAULT_TEMPLATES
 from multimodal.cli import main
 from multimodal.demo import SHIPPED_MODEL
-from multimodal.lora import ADAPTER_WEIGHTS, AdapterConfig, count_parameters, weights_sha256
+from multimodal.config import AdapterConfig
+from multimodal.files import ADAPTER_WEIGHTS
+from multimodal.lora import count_parameters, weights_sha256
 from train.module import FoundationModule
 from train.shapes import write_new_domain
 
@@ -164,7 +167,7 @@ def test_lora_fine_tune_of_the_shipped_model_on_new_shapes(tmp_path, capsys):
     for cb in cfg["trainer"]["callbacks"]:
         if cb["class_path"].endswith("ModelCheckpoint"):
             cb["init_args"]["dirpath"] = str(tmp_path / "ckpt")
-        if cb["class_path"].endswith("AlignmentReport"):
+        if cb["class_path"].endswith("ExportModel"):
             cb["init_args"]["export_to"] = str(tmp_path / "adapter")
     cfg["model"]["init_from"] = str(SHIPPED_MODEL)
     cfg["data"].update({"path": str(data / "train"), "val_path": str(data / "val"), "batch_size": 128, "num_workers": 0})
@@ -208,7 +211,7 @@ def test_lora_fit_on_every_component(tiny_model, tmp_path):
 
     base_dir = tiny_model.save_pretrained(tmp_path / "base")
     lora = {"components": ALL, "r": 2, "alpha": 4.0}
-    config = scaled_config(tmp_path, JOINT, model={"init_from": str(base_dir), "lora": lora, "lr": 0.01, "fidelity_images": 4, "fidelity_steps": 2, "caption_tokens": 4},
+    config = scaled_config(tmp_path, JOINT, model={"init_from": str(base_dir), "lora": lora, "lr": 0.01},
                            max_steps=2, val_check_interval=2)
     assert main(["fit", "--config", str(config)]) == 0
     name = yaml.safe_load(JOINT.read_text())["trainer"]["logger"]["init_args"]["name"]

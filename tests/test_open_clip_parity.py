@@ -4,7 +4,9 @@ import torch
 from safetensors.torch import save_file
 
 from encoders.open_clip_import import convert_open_clip_state_dict, encoder_config_from_open_clip
-from multimodal import FoundationModel
+from multimodal import FoundationConfig, FoundationModel
+
+from conftest import assert_same_computation
 
 TINY = dict(
     embed_dim=32,
@@ -42,14 +44,18 @@ def test_embeddings_equal_open_clip(saved_open_clip, quick_gelu):
         ours_t = model.encode_text(texts, normalize=False)
         ref_i = reference.encode_image(images)
         ref_t = reference.encode_text(tokenizer(texts))
-    torch.testing.assert_close(ours_i, ref_i, atol=1e-5, rtol=0)
-    torch.testing.assert_close(ours_t, ref_t, atol=1e-5, rtol=0)
+    # open_clip's fused in-projection and attention vs ours: fp32 summation order only
+    widths = max(TINY["vision_cfg"]["width"], TINY["text_cfg"]["width"])
+    depth = max(TINY["vision_cfg"]["layers"], TINY["text_cfg"]["layers"]) + 1
+    assert_same_computation(ours_i, ref_i, reduction=4 * widths, depth=depth)
+    assert_same_computation(ours_t, ref_t, reduction=4 * widths, depth=depth)
     assert model.encoders.logit_scale.item() == pytest.approx(reference.logit_scale.item())
     assert model.config.text.activation == ("quick_gelu" if quick_gelu else "gelu")
 
 
 def test_registered_model_name_builds_same_architecture():
-    cfg = encoder_config_from_open_clip(open_clip.get_model_config("ViT-B-32"))
+    fields = encoder_config_from_open_clip(open_clip.get_model_config("ViT-B-32"))
+    cfg = FoundationConfig.from_dict(fields)
     assert (cfg.image.width, cfg.image.layers, cfg.image.heads, cfg.image.patch_size) == (768, 12, 12, 32)
     assert (cfg.text.width, cfg.text.layers, cfg.text.context_length, cfg.embed_dim) == (512, 12, 77, 512)
 
@@ -77,11 +83,11 @@ def test_fit_starts_from_an_open_clip_checkpoint(saved_open_clip, tmp_path, monk
     and what was not in the checkpoint is reported by name."""
     import json
 
-    import train.module
+    import train.init
     from train.module import FoundationModule
 
     said = []
-    monkeypatch.setattr(train.module, "rank_zero_info", said.append)
+    monkeypatch.setattr(train.init, "rank_zero_info", said.append)
     reference, path = saved_open_clip
     images, texts = torch.rand(2, 3, 32, 32), ["a red circle", "a blue square"]
     with torch.no_grad():

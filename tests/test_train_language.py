@@ -4,6 +4,7 @@ export, and the caption command."""
 import subprocess
 import sys
 
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -24,6 +25,7 @@ def test_read_caption_uses_the_shapes_vocabulary():
     assert caption_label(caption) == sample.label
 
 
+@pytest.mark.slow
 def test_language_stage_trains_head_and_encoders_and_captions(tmp_path):
     start = FoundationModel(FoundationConfig.from_preset("tiny"))
     start.save_pretrained(tmp_path / "start")

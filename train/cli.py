@@ -5,17 +5,25 @@ from __future__ import annotations
 from lightning.pytorch.cli import LightningCLI
 
 from .data import FoundationDataModule
+from .evaluation import default_evaluators, evaluators_of
 from .module import FoundationModule
 from .precision import default_precision
 
 
 class FoundationCLI(LightningCLI):
     """LightningCLI with this project's module and data module; the run's resolved config is
-    saved as ``config.yaml`` in the run folder (the logger's versioned directory)."""
+    saved as ``config.yaml`` in the run folder (the logger's versioned directory). A config that
+    names no evaluator gets the default ones (retrieval, zero-shot)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         # bf16-mixed by default only where it is faster; a config or --trainer.precision wins.
         parser.set_defaults({"trainer.precision": default_precision()})
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        if not evaluators_of(trainer):
+            trainer.callbacks.extend(default_evaluators())
+        return trainer
 
 
 def run_cli(args: list[str]) -> FoundationCLI:

@@ -24,297 +24,23 @@ and ``data_issues`` (kind -> count for this batch).
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import random
-import warnings
-from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
-from torch.utils.data._utils.collate import default_collate
 
-from multimodal.adapt import DEFAULT_TEMPLATES
+from multimodal.templates import DEFAULT_TEMPLATES, check_templates, class_prompts
 
 from . import shapes
+from .evaluation import SplitInfo
+from .samples import DROPPED, FIXED, SKIPPED, BadSample, IMAGE_EXTENSIONS, TEXT_EXTENSIONS, SampleReader, collate, read_caption
+from .sources import FolderDataset, HFDataset, WebDatasetSource, ListDataset, folder_caption, folder_records, hf_dataset
 
 SOURCES = ("shapes", "folder", "webdataset", "hf")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-TEXT_EXTENSIONS = ("txt", "text", "caption")
-# What the checks count. Skipped: the sample is dropped. Fixed: the sample is used, repaired.
-SKIPPED = (
-    "missing_image", "not_an_image", "unreadable_image", "too_many_pixels",
-    "missing_caption", "empty_caption", "caption_not_utf8", "bad_metadata",
-)
-FIXED = ("converted_mode", "truncated_caption")
-# Under DDP, samples beyond the smallest batch of any rank (after skipping) are dropped and counted.
-DROPPED = ("dropped_uneven_batch",)
-
-
-class BadSample(Exception):
-    """A sample that cannot be used; ``kind`` is one of ``SKIPPED``."""
-
-    def __init__(self, kind: str, detail: str = ""):
-        super().__init__(f"{kind}: {detail}" if detail else kind)
-        self.kind = kind
-
-
-# ---- one sample -----------------------------------------------------------------------------------
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode to RGB; transparent pixels become white (not black, as a bare convert does)."""
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def load_image(source: bytes | str | Path, size: int, max_pixels: int, random_crop: bool = False) -> tuple[torch.Tensor, bool]:
-    """Decode, check and transform one image: (tensor [3, size, size] in [0, 1], converted?).
-
-    The pixel count is checked from the header before any pixel is decoded (decompression
-    bombs); the shorter side is resized to ``size`` (bicubic), then a center (or random) crop."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-    except FileNotFoundError as err:
-        raise BadSample("missing_image", str(source)) from err
-    except UnidentifiedImageError as err:
-        raise BadSample("not_an_image", str(err)) from err
-    except Image.DecompressionBombError as err:
-        raise BadSample("too_many_pixels", str(err)) from err
-    except (OSError, SyntaxError, ValueError) as err:
-        raise BadSample("unreadable_image", str(err)) from err
-    with img:
-        if img.width * img.height > max_pixels:
-            raise BadSample("too_many_pixels", f"{img.width}x{img.height} > data.max_pixels={max_pixels}")
-        try:
-            img.load()
-        except (OSError, SyntaxError, ValueError, EOFError) as err:  # truncated or corrupt data
-            raise BadSample("unreadable_image", str(err)) from err
-        converted = img.mode != "RGB"
-        rgb = to_rgb(img)
-    scale = size / min(rgb.size)
-    rgb = rgb.resize((max(size, round(rgb.width * scale)), max(size, round(rgb.height * scale))), Image.BICUBIC)
-    if random_crop:
-        left, top = random.randint(0, rgb.width - size), random.randint(0, rgb.height - size)
-    else:
-        left, top = (rgb.width - size) // 2, (rgb.height - size) // 2
-    return shapes.to_tensor(rgb.crop((left, top, left + size, top + size))), converted
-
-
-def read_caption(raw: bytes | str | None) -> str:
-    """A caption as text: bytes must be UTF-8; whitespace is collapsed; empty is refused."""
-    if raw is None:
-        raise BadSample("missing_caption")
-    if isinstance(raw, bytes):
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise BadSample("caption_not_utf8", str(err)) from err
-    elif not isinstance(raw, str):
-        raise BadSample("bad_metadata", f"caption is {type(raw).__name__}, not text")
-    try:
-        raw.encode("utf-8")  # text read with surrogateescape keeps undecodable bytes as surrogates
-    except UnicodeEncodeError as err:
-        raise BadSample("caption_not_utf8", str(err)) from err
-    text = " ".join(raw.split())
-    if not text:
-        raise BadSample("empty_caption")
-    return text
-
-
-class SampleReader:
-    """Turns raw (image, caption) into a batch item, or a ``{"bad": kind}`` marker: one code
-    path for every source, so every source checks and counts the same way."""
-
-    def __init__(self, image_size: int, max_pixels: int, random_crop: bool = False, groups: dict[str, int] | None = None):
-        self.image_size, self.max_pixels, self.random_crop = image_size, max_pixels, random_crop
-        self.groups = groups or {}
-
-    def __call__(self, image: bytes | str | Path | None, caption: bytes | str | None) -> dict[str, Any]:
-        try:
-            if image is None:
-                raise BadSample("missing_image")
-            text = read_caption(caption)
-            pixels, converted = load_image(image, self.image_size, self.max_pixels, self.random_crop)
-        except BadSample as bad:
-            return {"bad": bad.kind}
-        return {
-            "image": pixels, "caption": text, "label": -1, "group": self.groups.get(text, -1),
-            "issues": ["converted_mode"] if converted else [],
-        }
-
-
-def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Drop bad items and count every issue; the rest is torch's default collation."""
-    issues: Counter = Counter()
-    good = []
-    for item in items:
-        if "bad" in item:
-            issues[item["bad"]] += 1
-            continue
-        issues.update(item.pop("issues", ()))
-        good.append(item)
-    if good:
-        batch = default_collate(good)
-    else:  # every item was bad: an empty batch the module skips
-        batch = {"image": torch.zeros(0, 3, 1, 1), "caption": [], "label": torch.zeros(0, dtype=torch.long),
-                 "group": torch.zeros(0, dtype=torch.long)}
-    batch["data_issues"] = dict(issues)
-    return batch
-
-
-# ---- map-style sources ------------------------------------------------------------------------------
-def _read_text_file(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
-
-
-def folder_records(root: Path) -> list[tuple[Any, Any]]:
-    """(image path, caption) records of a folder, from ``metadata.jsonl``, else ``metadata.csv``,
-    else a same-name ``.txt`` per image (read lazily as bytes, so the UTF-8 check is per sample)."""
-    jsonl, table = root / "metadata.jsonl", root / "metadata.csv"
-    records: list[tuple[Any, Any]] = []
-    if jsonl.is_file():
-        for line in jsonl.read_bytes().splitlines():
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line.decode("utf-8", errors="surrogateescape"))
-                records.append((root / row["file_name"], row.get("text")))
-            except (ValueError, KeyError, TypeError):
-                records.append((None, BadSample("bad_metadata")))
-        return records
-    if table.is_file():
-        with table.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or "file_name" not in reader.fieldnames:
-                raise ValueError(f"data.path: {table} needs a 'file_name' column (and 'text'), found {reader.fieldnames}")
-            for row in reader:
-                name = row.get("file_name")
-                records.append((root / name if name else None, row.get("text")))
-        return records
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and p.is_file())
-    return [(p, p.with_suffix(".txt")) for p in images]
-
-
-def _folder_caption(caption: Any) -> Any:
-    """A folder record's raw caption: a ``.txt`` path is read (as bytes) here, lazily."""
-    return _read_text_file(caption) if isinstance(caption, Path) else caption
-
-
-class FolderDataset(Dataset):
-    """Items from ``folder_records``, read through ``SampleReader``."""
-
-    def __init__(self, records: list[tuple[Any, Any]], reader: SampleReader, labels: list[int] | None = None):
-        self.records, self.reader, self.labels = records, reader, labels
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        image, caption = self.records[index]
-        if isinstance(caption, BadSample):  # a metadata line that could not be parsed
-            return {"bad": caption.kind}
-        item = self.reader(image, _folder_caption(caption))
-        if self.labels is not None and "bad" not in item:
-            item["label"] = self.labels[index]
-        return item
-
-
-def hf_dataset(path: str, split: str, name: str | None, image_column: str) -> Any:
-    """A Hugging Face dataset split with its image column left undecoded (bytes/path), so
-    that decoding goes through the same checks as every other source."""
-    try:
-        import datasets
-    except ImportError as err:
-        raise ImportError("data.source 'hf' needs the datasets package: pip install 'multimodal-foundation[data]'") from err
-    folder = Path(path)
-    if folder.is_dir() and any((folder / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
-        ds = datasets.load_from_disk(str(folder))
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise ValueError(f"data.hf_split {split!r} not in {path} (splits: {', '.join(ds)})")
-            ds = ds[split]
-    elif folder.is_dir():
-        ds = datasets.load_dataset("imagefolder", data_dir=str(folder), split=split)
-    else:
-        ds = datasets.load_dataset(path, name, split=split)
-    if image_column not in ds.column_names:
-        raise ValueError(f"data.image_column {image_column!r} not in the dataset's columns {ds.column_names}")
-    if isinstance(ds.features[image_column], datasets.Image):
-        ds = ds.cast_column(image_column, datasets.Image(decode=False))
-    return ds
-
-
-class HFDataset(Dataset):
-    def __init__(self, ds: Any, indices: list[int], image_column: str, caption_column: str, reader: SampleReader):
-        self.ds, self.indices, self.reader = ds, indices, reader
-        self.image_column, self.caption_column = image_column, caption_column
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        row = self.ds[self.indices[index]]
-        image = row[self.image_column]
-        if isinstance(image, dict):  # datasets.Image(decode=False): {"bytes", "path"}
-            image = image.get("bytes") or image.get("path")
-        elif isinstance(image, Image.Image):  # an already decoded column: re-encode for the checks
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            image = buffer.getvalue()
-        return self.reader(image, row[self.caption_column])
-
-
-# ---- webdataset -------------------------------------------------------------------------------------
-def _member_ext(name: str) -> str:
-    return name.rsplit("/", 1)[-1].split(".", 1)[-1].lower() if "." in name.rsplit("/", 1)[-1] else ""
-
-
-class WebDatasetSource(IterableDataset):
-    """Samples of tar shards, split by node (DDP rank) and by dataloader worker; only members
-    with an image or text extension are read, and none is decoded by webdataset itself."""
-
-    def __init__(self, urls: str | list[str], reader: SampleReader, resampled: bool, shuffle: int, seed: int,
-                 epoch_size: int | None, image_keys: tuple[str, ...], text_keys: tuple[str, ...]):
-        super().__init__()
-        self.urls, self.reader, self.resampled, self.shuffle, self.seed = urls, reader, resampled, shuffle, seed
-        self.epoch_size, self.image_keys, self.text_keys = epoch_size, image_keys, text_keys
-
-    def _sample(self, raw: dict[str, Any]) -> dict[str, Any]:
-        image = next((raw[k] for k in self.image_keys if k in raw), None)
-        caption = next((raw[k] for k in self.text_keys if k in raw), None)
-        return self.reader(image, caption)
-
-    def pipeline(self) -> Iterable[dict[str, Any]]:
-        try:
-            import webdataset as wds
-        except ImportError as err:
-            raise ImportError("data.source 'webdataset' needs the webdataset package: pip install 'multimodal-foundation[data]'") from err
-        wanted = set(self.image_keys) | set(self.text_keys)
-        ds = wds.WebDataset(
-            self.urls, resampled=self.resampled, shardshuffle=(100 if self.shuffle else False),
-            nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker, handler=wds.warn_and_continue,
-            select_files=lambda name: _member_ext(name) in wanted, empty_check=False, seed=self.seed,
-        )
-        if self.shuffle:
-            ds = ds.shuffle(self.shuffle, rng=random.Random(self.seed))
-        ds = ds.map(self._sample)
-        return ds.with_epoch(self.epoch_size) if self.epoch_size else ds
-
-    def __iter__(self):
-        return iter(self.pipeline())
+__all__ = ["FoundationDataModule", "SOURCES", "SKIPPED", "FIXED", "DROPPED"]
 
 
 # ---- resumable loading ------------------------------------------------------------------------------
@@ -425,21 +151,18 @@ class FoundationDataModule(L.LightningDataModule):
         if class_folders and source != "folder":
             raise ValueError(f"data.class_folders works with source 'folder', not {source!r}")
         self.classes: list[str] | None = shapes.class_names() if source == "shapes" else None  # set up for class folders
-        self.templates = list(zero_shot_templates or DEFAULT_TEMPLATES)
-        if any("{}" not in t for t in self.templates):
-            raise ValueError(f"data.zero_shot_templates must each contain {{}}, got {self.templates}")
+        self.templates = check_templates(zero_shot_templates or DEFAULT_TEMPLATES, "data.zero_shot_templates")
 
-    def zero_shot_prompts(self) -> list[list[str]] | None:
-        """Per zero-shot class (``classes``), its prompt ensemble (None for data without classes)."""
+    def split_info(self) -> SplitInfo:
+        """What evaluators know about the validation split: its zero-shot classes with their
+        prompt ensembles (shapes: the caption templates; class folders: ``zero_shot_templates``)
+        and its unique captions."""
         if self.source == "shapes":
-            return [[shapes.fill_template(t, name) for t in shapes.TEMPLATES] for name in shapes.class_names()]
+            prompts = [[shapes.fill_template(t, name) for t in shapes.TEMPLATES] for name in shapes.class_names()]
+            return SplitInfo(shapes.class_names(), prompts, list(self.val_captions))
         if self.classes is None:
-            return None
-        return [[t.format(name) for t in self.templates] for name in self.classes]
-
-    def generation_prompts(self, n: int) -> list[tuple[str, "shapes.ShapeSample", bool]] | None:
-        """Prompts whose generations can be scored exactly (shapes only)."""
-        return shapes.generation_prompts(n) if self.source == "shapes" else None
+            return SplitInfo(None, None, list(self.val_captions))
+        return SplitInfo(list(self.classes), class_prompts(self.classes, self.templates), list(self.val_captions))
 
     def _reader(self, train: bool, groups: dict[str, int] | None = None) -> SampleReader:
         return SampleReader(self.image_size, self.hparams.max_pixels, self.hparams.random_crop and train, groups)
@@ -478,7 +201,7 @@ class FoundationDataModule(L.LightningDataModule):
         else:
             train_idx, val_idx = self._split(len(records))
             train, val = [records[i] for i in sorted(train_idx)], [records[i] for i in sorted(val_idx)]
-        val_texts = [_folder_caption(c) for _, c in val if not isinstance(c, BadSample)]
+        val_texts = [folder_caption(c) for _, c in val if not isinstance(c, BadSample)]
         labels = None
         if self.hparams.class_folders:
             root = Path(self.val_path or self.path)
@@ -524,7 +247,7 @@ class FoundationDataModule(L.LightningDataModule):
             raw.append(sample)
             if len(raw) >= self.val_size:
                 break
-        self.val_set = _ListDataset(raw)
+        self.val_set = ListDataset(raw)
         good = [s["caption"] for s in raw if "bad" not in s]
         groups = self._val_groups(good)
         for s in raw:
@@ -566,17 +289,3 @@ class FoundationDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
-
-
-class _ListDataset(Dataset):
-    def __init__(self, items: list[dict[str, Any]]):
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = dict(self.items[index])
-        if "issues" in item:
-            item["issues"] = list(item["issues"])
-        return item

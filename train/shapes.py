@@ -17,6 +17,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from multimodal.preprocess import to_tensor
+
 SHAPES = ("circle", "square", "triangle", "diamond")
 # Shapes the embedded data never shows: a new domain to adapt a trained model to (``write_new_domain``).
 NEW_SHAPES = ("star", "cross", "hexagon", "heart")
@@ -198,11 +200,6 @@ def analyze(image: Image.Image | np.ndarray, threshold: int = 60) -> ShapeSample
 
     shape = max(SHAPES, key=overlap)
     return ShapeSample(shape, color, size_name, position)
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB -> float tensor [3, H, W] in [0, 1]."""
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
 
 
 class ShapesDataset(Dataset):

@@ -1,0 +1,174 @@
+"""The data sources behind ``FoundationDataModule``: a folder of images with captions, tar
+shards (webdataset) and Hugging Face datasets; each yields raw samples through ``SampleReader``."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from pathlib import Path
+from typing import Any, Iterable
+
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset
+
+from .samples import BadSample, IMAGE_EXTENSIONS, SampleReader
+
+# ---- map-style sources ------------------------------------------------------------------------------
+def _read_text_file(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def folder_records(root: Path) -> list[tuple[Any, Any]]:
+    """(image path, caption) records of a folder, from ``metadata.jsonl``, else ``metadata.csv``,
+    else a same-name ``.txt`` per image (read lazily as bytes, so the UTF-8 check is per sample)."""
+    jsonl, table = root / "metadata.jsonl", root / "metadata.csv"
+    records: list[tuple[Any, Any]] = []
+    if jsonl.is_file():
+        for line in jsonl.read_bytes().splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode("utf-8", errors="surrogateescape"))
+                records.append((root / row["file_name"], row.get("text")))
+            except (ValueError, KeyError, TypeError):
+                records.append((None, BadSample("bad_metadata")))
+        return records
+    if table.is_file():
+        with table.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "file_name" not in reader.fieldnames:
+                raise ValueError(f"data.path: {table} needs a 'file_name' column (and 'text'), found {reader.fieldnames}")
+            for row in reader:
+                name = row.get("file_name")
+                records.append((root / name if name else None, row.get("text")))
+        return records
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and p.is_file())
+    return [(p, p.with_suffix(".txt")) for p in images]
+
+
+def folder_caption(caption: Any) -> Any:
+    """A folder record's raw caption: a ``.txt`` path is read (as bytes) here, lazily."""
+    return _read_text_file(caption) if isinstance(caption, Path) else caption
+
+
+class FolderDataset(Dataset):
+    """Items from ``folder_records``, read through ``SampleReader``."""
+
+    def __init__(self, records: list[tuple[Any, Any]], reader: SampleReader, labels: list[int] | None = None):
+        self.records, self.reader, self.labels = records, reader, labels
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, caption = self.records[index]
+        if isinstance(caption, BadSample):  # a metadata line that could not be parsed
+            return {"bad": caption.kind}
+        item = self.reader(image, folder_caption(caption))
+        if self.labels is not None and "bad" not in item:
+            item["label"] = self.labels[index]
+        return item
+
+
+def hf_dataset(path: str, split: str, name: str | None, image_column: str) -> Any:
+    """A Hugging Face dataset split with its image column left undecoded (bytes/path), so
+    that decoding goes through the same checks as every other source."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError("data.source 'hf' needs the datasets package: pip install 'multimodal-foundation[data]'") from err
+    folder = Path(path)
+    if folder.is_dir() and any((folder / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        ds = datasets.load_from_disk(str(folder))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"data.hf_split {split!r} not in {path} (splits: {', '.join(ds)})")
+            ds = ds[split]
+    elif folder.is_dir():
+        ds = datasets.load_dataset("imagefolder", data_dir=str(folder), split=split)
+    else:
+        ds = datasets.load_dataset(path, name, split=split)
+    if image_column not in ds.column_names:
+        raise ValueError(f"data.image_column {image_column!r} not in the dataset's columns {ds.column_names}")
+    if isinstance(ds.features[image_column], datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    return ds
+
+
+class HFDataset(Dataset):
+    def __init__(self, ds: Any, indices: list[int], image_column: str, caption_column: str, reader: SampleReader):
+        self.ds, self.indices, self.reader = ds, indices, reader
+        self.image_column, self.caption_column = image_column, caption_column
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.ds[self.indices[index]]
+        image = row[self.image_column]
+        if isinstance(image, dict):  # datasets.Image(decode=False): {"bytes", "path"}
+            image = image.get("bytes") or image.get("path")
+        elif isinstance(image, Image.Image):  # an already decoded column: re-encode for the checks
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            image = buffer.getvalue()
+        return self.reader(image, row[self.caption_column])
+
+
+# ---- webdataset -------------------------------------------------------------------------------------
+def _member_ext(name: str) -> str:
+    return name.rsplit("/", 1)[-1].split(".", 1)[-1].lower() if "." in name.rsplit("/", 1)[-1] else ""
+
+
+class WebDatasetSource(IterableDataset):
+    """Samples of tar shards, split by node (DDP rank) and by dataloader worker; only members
+    with an image or text extension are read, and none is decoded by webdataset itself."""
+
+    def __init__(self, urls: str | list[str], reader: SampleReader, resampled: bool, shuffle: int, seed: int,
+                 epoch_size: int | None, image_keys: tuple[str, ...], text_keys: tuple[str, ...]):
+        super().__init__()
+        self.urls, self.reader, self.resampled, self.shuffle, self.seed = urls, reader, resampled, shuffle, seed
+        self.epoch_size, self.image_keys, self.text_keys = epoch_size, image_keys, text_keys
+
+    def _sample(self, raw: dict[str, Any]) -> dict[str, Any]:
+        image = next((raw[k] for k in self.image_keys if k in raw), None)
+        caption = next((raw[k] for k in self.text_keys if k in raw), None)
+        return self.reader(image, caption)
+
+    def pipeline(self) -> Iterable[dict[str, Any]]:
+        try:
+            import webdataset as wds
+        except ImportError as err:
+            raise ImportError("data.source 'webdataset' needs the webdataset package: pip install 'multimodal-foundation[data]'") from err
+        wanted = set(self.image_keys) | set(self.text_keys)
+        ds = wds.WebDataset(
+            self.urls, resampled=self.resampled, shardshuffle=(100 if self.shuffle else False),
+            nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker, handler=wds.warn_and_continue,
+            select_files=lambda name: _member_ext(name) in wanted, empty_check=False, seed=self.seed,
+        )
+        if self.shuffle:
+            ds = ds.shuffle(self.shuffle, rng=random.Random(self.seed))
+        ds = ds.map(self._sample)
+        return ds.with_epoch(self.epoch_size) if self.epoch_size else ds
+
+    def __iter__(self):
+        return iter(self.pipeline())
+
+
+class ListDataset(Dataset):
+    def __init__(self, items: list[dict[str, Any]]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = dict(self.items[index])
+        if "issues" in item:
+            item["issues"] = list(item["issues"])
+        return item
