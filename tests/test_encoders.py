@@ -65,3 +65,39 @@ def test_unknown_config_keys_are_named():
         FoundationConfig.from_preset("tiny", {"text": {"widht": 3}})
     with pytest.raises(ValueError, match="preset must be one of"):
         FoundationConfig.from_preset("huge")
+
+
+def test_grad_checkpointing_covers_every_component():
+    model = FoundationModel(FoundationConfig.from_preset("tiny", {"grad_checkpointing": True}))
+    assert model.encoders.text.transformer.grad_checkpointing and model.encoders.image.transformer.grad_checkpointing
+    assert model.language.transformer.grad_checkpointing and model.decoder.unet.is_gradient_checkpointing
+    model.set_grad_checkpointing(False)
+    assert not model.language.transformer.grad_checkpointing and not model.decoder.unet.is_gradient_checkpointing
+
+
+def test_configs_check_themselves_and_name_unknown_keys():
+    with pytest.raises(ValueError, match="image.image_size .* multiple of image.patch_size"):
+        FoundationConfig.from_preset("tiny", {"image": {"patch_size": 5}})
+    with pytest.raises(ValueError, match="decoder.cfg_dropout must be in"):
+        FoundationConfig.from_preset("tiny", {"decoder": {"cfg_dropout": 1.5}})
+    with pytest.raises(ValueError, match="unknown config key.*'widht'"):
+        FoundationConfig.from_preset("tiny", {"text": {"widht": 8}})
+
+
+def test_from_open_clip_parses_nested_overrides():
+    import open_clip
+
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "head_width": 32},
+           "text_cfg": {"context_length": 16, "width": 32, "heads": 2, "layers": 1}}
+    assert open_clip.CLIP(**cfg) is not None
+    model = FoundationModel.from_open_clip(cfg, text={"trim_padding": False}, language={"layers": 1, "heads": 2})
+    assert model.config.text.trim_padding is False and model.config.text.width == 32 and model.language is not None
+    with pytest.raises(ValueError, match="unknown config key.*'nonsense'"):
+        FoundationModel.from_open_clip(cfg, text={"nonsense": 1})
+
+
+def test_from_pretrained_puts_the_whole_model_on_map_location(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "m")
+    model = FoundationModel.from_pretrained(tmp_path / "m", map_location="meta")  # any device: meta needs no hardware
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert model.pixel_mean.device.type == "meta"
