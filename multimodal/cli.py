@@ -65,11 +65,19 @@ def _export(args: argparse.Namespace) -> int:
 
     if not Path(args.ckpt).is_file():
         raise FileNotFoundError(f"--ckpt not found: {args.ckpt}")
+    import inspect
+
     ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
     step = ckpt.get("global_step")
+    # the run's model arguments (those this version still has: checkpoints of earlier versions
+    # carried evaluation settings that now live in evaluators); init_from=None: the checkpoint
+    # holds every weight, so the run's starting folder is not needed
+    known = inspect.signature(FoundationModule.__init__).parameters
+    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in known}
+    module = FoundationModule(**{**hparams, "init_from": None})
+    module.load_state_dict(ckpt["state_dict"])
+    module.on_load_checkpoint(ckpt)  # the decoder's EMA weights
     del ckpt
-    # init_from=None: the checkpoint holds every weight, so the run's starting folder is not needed
-    module = FoundationModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True, init_from=None)
     from .card import model_card
 
     card = model_card(

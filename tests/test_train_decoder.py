@@ -36,6 +36,11 @@ def test_decoder_stage_trains_decoder_only_and_exports(tmp_path, capsys):
     exported = tmp_path / "exported"
     assert main(["export", "--ckpt", str(tmp_path / "runs/decoder/checkpoints/last.ckpt"), "--out", str(exported)]) == 0
     assert "global step 4" in (exported / "README.md").read_text()
+    # a checkpoint of an earlier version (evaluation settings among the model's arguments) still exports
+    ckpt["hyper_parameters"].update({"fidelity_images": 64, "guidance_scale": 3.0})
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    assert main(["export", "--ckpt", str(tmp_path / "old.ckpt"), "--out", str(tmp_path / "old_export")]) == 0
+    assert torch.equal(load_file(str(tmp_path / "old_export/model.safetensors"))[dec[0]], load_file(str(exported / "model.safetensors"))[dec[0]])
     # the export carries the EMA decoder weights, as the end-of-fit model folder does
     ema_export, fit_export = load_file(str(exported / "model.safetensors")), after
     assert all(torch.equal(ema_export[k], fit_export[k]) for k in dec)

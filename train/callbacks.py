@@ -46,7 +46,7 @@ class FitReport(Callback):
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps({**metrics, "global_step": trainer.global_step}, indent=2) + "\n")
         data = pl_module.validation_data()
-        if data is None:  # the last validation's features are gone: collect them again (encoders only)
+        if data is None or data.pixels is None:  # collect the features again, with the images (encoders only)
             pl_module.start_evaluation(trainer.datamodule.val_dataloader())
             data = pl_module.validation_data()
         n_images = len(data.labels) if data is not None else 0
@@ -70,7 +70,7 @@ class FitReport(Callback):
         captions = data.info.captions or []
         titles = [captions[int(g)] if 0 <= int(g) < len(captions) else "" for g in data.groups[keep]]
         truth = [names[int(label)] for label in data.labels[keep]]
-        prediction_grid(data.pixels[keep], titles, truth, preds).save(path)
+        prediction_grid(data.images(keep), titles, truth, preds).save(path)
         return path
 
 

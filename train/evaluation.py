@@ -46,14 +46,21 @@ class SplitInfo:
 class ValidationData:
     """The validation split as evaluators see it: ``image_features`` / ``text_features`` [N, E]
     (unit norm, fp32), ``labels`` [N] (class index, -1: none), ``groups`` [N] (index of the
-    image's caption in ``info.captions``), ``pixels`` [N, 3, S, S] in [0, 1] (CPU)."""
+    image's caption in ``info.captions``), ``pixels`` [N, 3, S, S] uint8 (None unless an
+    evaluator has ``needs_pixels``: images of a large split are big). All on the CPU."""
 
     image_features: torch.Tensor
     text_features: torch.Tensor
     labels: torch.Tensor
     groups: torch.Tensor
-    pixels: torch.Tensor
+    pixels: torch.Tensor | None
     info: SplitInfo
+
+    def images(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pixels (of the ``mask`` rows) as float [n, 3, S, S] in [0, 1]."""
+        if self.pixels is None:
+            raise ValueError("this evaluation kept no pixels: set needs_pixels = True on the evaluator")
+        return (self.pixels if mask is None else self.pixels[mask]).float() / 255
 
     @property
     def labeled(self) -> torch.Tensor:
@@ -66,6 +73,8 @@ class Evaluator(Callback):
 
     #: generating evaluators (images, captions) run on global rank 0 only
     rank_zero_only: bool = False
+    #: whether ``evaluate`` reads ``data.pixels`` (they are kept and gathered only then)
+    needs_pixels: bool = False
 
     def evaluate(self, model: "FoundationModel", data: ValidationData, generator: torch.Generator,
                  out_dir: Path | None) -> dict[str, float]:

@@ -66,10 +66,6 @@ def load_matching_weights(model: FoundationModel, source: dict[str, torch.Tensor
     return report
 
 
-def components(model: FoundationModel) -> dict[str, torch.nn.Module | None]:
-    return lora_utils.components(model)
-
-
 def add_training_adapter(
     model: FoundationModel, lora: AdapterConfig | dict | None, adapter_dir: str | None, base_model: str | None,
     frozen: list[str], init_report: dict[str, list[str]] | None, frozen_by: str,
@@ -106,7 +102,7 @@ def add_training_adapter(
         model.adapter.base_model = base_model
         model.adapter.base_sha256 = lora_utils.weights_sha256(base_model)
     trainable, total = lora_utils.count_parameters(model)
-    parts = components(model)
+    parts = lora_utils.components(model)
     adapted = sum(p.numel() for c in config.components for p in parts[c].parameters() if not p.requires_grad)
     rank_zero_info(
         f"LoRA r={config.r} on {', '.join(config.components)}: {trainable:,} trainable parameters = "

@@ -136,6 +136,7 @@ class FoundationModule(L.LightningModule):
         self._val_outputs: list[dict[str, torch.Tensor]] = []
         self._val_data: ValidationData | None = None
         self._val_complete = False  # features of the whole split on this rank (no gathering)
+        self._keep_pixels = False
         self.last_metrics: tuple[int, dict[str, float]] = (-1, {})
         self.run_dir: Path | None = None  # set in setup
 
@@ -309,21 +310,27 @@ class FoundationModule(L.LightningModule):
 
     # ---- validation features for the evaluators -------------------------------------------------
     @torch.no_grad()
-    def features(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """One validation batch -> what ``ValidationData`` holds (fp32 features, pixels on CPU)."""
+    def features(self, batch: dict[str, Any], pixels: bool) -> dict[str, torch.Tensor]:
+        """One validation batch -> what ``ValidationData`` holds: fp32 features, and with
+        ``pixels`` the images as uint8 (exact: every source makes them from 8-bit values)."""
         out = self.model(batch, heads=("contrastive",))
-        return {"image": out["image_features"].float(), "text": out["text_features"].float(),
-                "label": batch["label"], "group": batch["group"], "pixels": batch["image"].float().cpu()}
+        record = {"image": out["image_features"].float(), "text": out["text_features"].float(),
+                  "label": batch["label"], "group": batch["group"]}
+        if pixels:
+            record["pixels"] = (batch["image"].float() * 255).round().to(torch.uint8)
+        return record
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         batch.pop("data_issues", None)  # bad validation samples are skipped (training counts them)
         if batch["image"].shape[0]:
-            self._val_outputs.append(self.features(batch))
+            self._val_outputs.append(self.features(batch, self._keep_pixels))
 
     test_step = validation_step
 
     def on_validation_epoch_start(self) -> None:
         self.last_metrics = (self.global_step, {})
+        # images are kept (and gathered over ranks) only when an evaluator reads them
+        self._keep_pixels = any(getattr(cb, "needs_pixels", False) for cb in self.trainer.callbacks)
 
     on_test_epoch_start = on_validation_epoch_start
 
@@ -346,7 +353,7 @@ class FoundationModule(L.LightningModule):
                 batch.pop("data_issues", None)
                 batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 if batch["image"].shape[0]:
-                    self._val_outputs.append(self.features(batch))
+                    self._val_outputs.append(self.features(batch, pixels=True))
         self.train(was_training)
         self._val_complete = True
 
@@ -365,7 +372,7 @@ class FoundationModule(L.LightningModule):
         dm = self.trainer.datamodule if self._trainer is not None else None
         info = dm.split_info() if hasattr(dm, "split_info") else SplitInfo()
         cpu = {k: v.cpu() for k, v in merged.items()}
-        self._val_data = ValidationData(cpu["image"], cpu["text"], cpu["label"], cpu["group"], cpu["pixels"], info)
+        self._val_data = ValidationData(cpu["image"], cpu["text"], cpu["label"], cpu["group"], cpu.get("pixels"), info)
         return self._val_data
 
 

@@ -63,6 +63,7 @@ class ShapesCaption(Evaluator):
     names their color and shape (``caption_acc``), read with the shapes vocabulary."""
 
     rank_zero_only = True
+    needs_pixels = True
 
     def __init__(self, max_new_tokens: int = 12, batch_size: int = 256):
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
@@ -72,7 +73,7 @@ class ShapesCaption(Evaluator):
         if model.language is None or not bool(keep.any()):
             return {}
         pipe = FoundationPipeline(model)
-        pixels = data.pixels[keep].to(model.pixel_mean.device)
+        pixels = data.images(keep).to(model.pixel_mean.device)
         captions = [c for chunk in pixels.split(self.batch_size) for c in pipe.caption(chunk, max_new_tokens=self.max_new_tokens)]
         found = torch.tensor([shapes.caption_label(c) for c in captions])
         return {"caption_acc": (found == data.labels[keep]).float().mean().item()}
