@@ -173,7 +173,7 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
             gr.Examples([["a large red circle"], ["a small blue square at the top left"], ["a green triangle"]], [g_prompt])
         with gr.Tab("Classify"):
             with gr.Row():
-                c_image = gr.Image(type="pil", label="Image")
+                c_image = gr.Image(type="pil", image_mode=None, label="Image")  # its own mode: the pipeline makes it RGB as training does
                 with gr.Column():
                     c_labels = gr.Textbox(label="Labels (comma-separated)", value="red circle, blue square, green triangle, yellow diamond")
                     c_button = gr.Button("Classify", variant="primary")
@@ -193,7 +193,7 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
             gr.Examples([["a red shape"], ["a large square"]], [s_query])
         with gr.Tab("Caption"):
             with gr.Row():
-                p_image = gr.Image(type="pil", label="Image")
+                p_image = gr.Image(type="pil", image_mode=None, label="Image")
                 with gr.Column():
                     p_beams = gr.Slider(1, 8, value=1, step=1, label="Beams")
                     p_button = gr.Button("Caption", variant="primary")
