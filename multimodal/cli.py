@@ -11,6 +11,7 @@ from pathlib import Path
 from .config import SCHEDULER_NAMES  # standard library only: --help stays fast
 
 TRAIN_COMMANDS = ("fit", "validate", "test", "predict")
+MAX_IMAGES = 64  # per generate command (each image costs memory at every sampling step)
 USAGE = """usage: multimodal {fit,validate,test,predict,export,merge,generate,classify,caption,complete,demo,probe} ...
 
   fit        train (LightningCLI: --config assets/configs/align.yaml; --print_config shows every option)
@@ -67,7 +68,12 @@ def _export(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--ckpt not found: {args.ckpt}")
     import inspect
 
-    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - not a checkpoint, or one holding objects other than tensors
+        raise ValueError(f"--ckpt: {args.ckpt} is not a Lightning checkpoint written by multimodal fit ({type(err).__name__})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"--ckpt: {args.ckpt} is not a Lightning checkpoint written by multimodal fit (no state_dict)")
     step = ckpt.get("global_step")
     # the run's model arguments (those this version still has: checkpoints of earlier versions
     # carried evaluation settings that now live in evaluators); init_from=None: the checkpoint
@@ -105,6 +111,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     from .pipeline import FoundationPipeline
 
+    if not 1 <= args.num_images <= MAX_IMAGES:
+        raise ValueError(f"--num-images must be in [1, {MAX_IMAGES}], got {args.num_images}")
     pipe = _pipeline(args, scheduler=args.scheduler)  # None: the model's recommended settings (config.sampling)
     out = pipe(
         args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -243,7 +251,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
     gen.add_argument("--scheduler", default=None, choices=SCHEDULER_NAMES,
                      help="sampling scheduler (default: the model's recommended)")
-    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--num-images", type=int, default=1, help=f"images to generate, 1..{MAX_IMAGES} (default 1)")
     cap = sub.add_parser("caption", help="image(s) -> caption(s)")
     cap.add_argument("images", nargs="+", help="image file(s)")
     cap.add_argument("--model", default=None, help="a save_pretrained folder (default: the shipped shapes model)")

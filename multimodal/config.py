@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
+from .config_dicts import config_from_dict, merge_dicts
+
+__all__ = ["config_from_dict", "merge_dicts"]  # with every class below
 
 ACTIVATIONS = ("gelu", "quick_gelu")
 ATTENTION_BACKENDS = ("auto", "sdpa", "math", "xformers")
@@ -150,7 +150,7 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         _choice(self.scheduler, "sampling.scheduler", SCHEDULER_NAMES)
-        _check(isinstance(self.steps, int) and 1 <= self.steps <= 1000, f"sampling.steps must be an integer in [1, 1000], got {self.steps}")
+        _check(isinstance(self.steps, int) and not isinstance(self.steps, bool) and 1 <= self.steps <= 999, f"sampling.steps must be an integer in [1, 999], got {self.steps}")
         _check(0.0 <= self.guidance_scale <= 100.0, f"sampling.guidance_scale must be in [0, 100], got {self.guidance_scale}")
 
 
@@ -182,6 +182,7 @@ class FoundationConfig:
     def from_preset(cls, name: str, overrides: dict[str, Any] | None = None) -> "FoundationConfig":
         """A named preset with optional nested overrides, e.g. ``{"text": {"layers": 2}}``."""
         _choice(name, "preset", tuple(sorted(PRESETS)))
+        _check(overrides is None or isinstance(overrides, dict), f"overrides must be a mapping of config fields, got {overrides!r}")
         return cls.from_dict(merge_dicts(PRESETS[name], overrides or {}))
 
     def to_dict(self) -> dict[str, Any]:
@@ -354,44 +355,3 @@ class DemoLimits:
     max_file_size: str = "2mb"
     queue_size: int = 64
     concurrency: int = 2
-
-
-def config_from_dict(cls: type[T], data: dict[str, Any] | T, path: str = "") -> T:
-    """Build dataclass ``cls`` from a nested dict; unknown keys are an error naming the key."""
-    if isinstance(data, cls):
-        return data
-    where = f"config{'.' + path if path else ''}"
-    if not isinstance(data, dict):
-        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"unknown config key(s){' in ' + repr(path) if path else ''}: {', '.join(map(repr, unknown))}; allowed: {sorted(names)}")
-    kwargs = {}
-    for key, value in data.items():
-        hint = hints[key]
-        sub = f"{path}.{key}" if path else key
-        if typing.get_origin(hint) in (typing.Union, types.UnionType) and isinstance(value, dict):
-            hint = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), hint)  # Optional[Config]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = config_from_dict(hint, value, sub)
-        elif typing.get_origin(hint) is tuple and isinstance(value, list):
-            kwargs[key] = tuple(value)
-        else:
-            kwargs[key] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as err:  # e.g. a field given a value of the wrong kind
-        raise ValueError(f"{where}: {err}") from None
-
-
-def merge_dicts(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict update (override wins), used to apply user overrides on presets."""
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge_dicts(out[key], value)
-        else:
-            out[key] = value
-    return out

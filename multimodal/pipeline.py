@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
-import re
+import math
 import warnings
 
 import numpy as np
@@ -18,11 +18,12 @@ from diffusion.decoder import TextCondition
 from diffusion.sampling import sample
 from diffusion.schedule import sampling_scheduler
 
-from .config import GenerationArgs
+from .config import SCHEDULER_NAMES, GenerationArgs
 from .language import generate_tokens
 from .losses import token_log_likelihood
 from .model import FoundationModel
 from .preprocess import ImageInput, as_pil, preprocess
+from .safety import OutputChecker, PromptBlocked, PromptFilter, check_prompts, compile_prompt_filter  # noqa: F401
 from .templates import class_prompts
 from .zero_shot import prototypes, zero_shot_weights
 
@@ -39,13 +40,7 @@ class GenerationOutput:
 
 
 OUTPUT_TYPES = ("pil", "np", "pt")
-PromptFilter = Union[Sequence[str], Callable[[str], Union[bool, str]]]
-OutputChecker = Callable[[torch.Tensor], Sequence[bool]]
-
-
-class PromptBlocked(ValueError):
-    """A prompt refused by the pipeline's prompt filter."""
-
+MAX_GUIDANCE = 100.0
 
 class FoundationPipeline:
     """Args:
@@ -64,25 +59,15 @@ class FoundationPipeline:
         prompt_filter: PromptFilter | None = None, output_checker: OutputChecker | None = None,
     ):
         self.model = model.eval()
+        if scheduler is not None and scheduler not in SCHEDULER_NAMES:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULER_NAMES)}, got {scheduler!r}")
         self.scheduler = scheduler or model.config.sampling.scheduler
-        if prompt_filter is not None and not callable(prompt_filter):
-            words = [w.strip().lower() for w in prompt_filter if w.strip()]
-            if not words:
-                raise ValueError("prompt_filter: the word list is empty")
-            pattern = re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE)
-            prompt_filter = lambda text: (m := pattern.search(text)) is not None and f"word list: {m.group(0)!r}"  # noqa: E731
-        self.prompt_filter, self.output_checker = prompt_filter, output_checker
+        self.prompt_filter, self.output_checker = compile_prompt_filter(prompt_filter), output_checker
         self._warned_unfiltered = False
 
     def check_prompts(self, prompts: Sequence[str]) -> None:
         """Raise ``PromptBlocked`` naming the filter (and its reason) for a refused prompt."""
-        if self.prompt_filter is None:
-            return
-        for prompt in prompts:
-            verdict = self.prompt_filter(prompt)
-            if verdict:
-                reason = verdict if isinstance(verdict, str) else getattr(self.prompt_filter, "__name__", "callable")
-                raise PromptBlocked(f"prompt refused by the prompt filter ({reason}): {prompt!r}")
+        check_prompts(self.prompt_filter, prompts)
 
     @torch.no_grad()
     def __call__(
@@ -132,12 +117,13 @@ class FoundationPipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt must be a non-empty string or list of strings")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
-        if not guidance >= 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance}")
-        if per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be at least 1, got {per_prompt}")
+        most = decoder.config.num_train_timesteps - 1  # multistep solvers (dpm++, unipc) break at the schedule's length
+        if not _is_int(steps) or not 1 <= steps <= most:
+            raise ValueError(f"num_inference_steps must be an integer in [1, {most}], got {steps!r}")
+        if not _is_number(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
+            raise ValueError(f"guidance_scale must be a number in [0, {MAX_GUIDANCE:g}], got {guidance!r}")
+        if not _is_int(per_prompt) or per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {per_prompt!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         size = decoder.config.image_size
@@ -157,12 +143,14 @@ class FoundationPipeline:
             generators = list(generator)
         else:
             generators = [generator] * n
+        if not all(g is None or isinstance(g, torch.Generator) for g in generators):
+            raise ValueError(f"generator must be a torch.Generator, a list of them (one per image) or None, got {generator!r}")
         self.check_prompts(prompts)
         if self.prompt_filter is None and self.output_checker is None and not self._warned_unfiltered:
             self._warned_unfiltered = True
             warnings.warn(
                 "generating without a prompt filter or an output checker: pass prompt_filter= / "
-                "output_checker= to FoundationPipeline to refuse or flag content", UserWarning, stacklevel=3,
+                "output_checker= to FoundationPipeline to refuse or flag content", UserWarning, stacklevel=4,
             )
         return prompts, negatives, generators
 
@@ -172,7 +160,12 @@ class FoundationPipeline:
         return self.model.text_condition(repeat(prompts)), self.model.text_condition(repeat(negatives))
 
     def postprocess(self, images: torch.Tensor, output_type: str) -> GenerationOutput:
-        """Images [N, C, S, S] in [-1, 1] -> [0, 1], the output checker's verdicts, ``output_type``."""
+        """Images [N, C, S, S] in [-1, 1] -> [0, 1], the output checker's verdicts, ``output_type``.
+        Non-finite samples are an error, never a silent black image."""
+        if not bool(torch.isfinite(images).all()):
+            raise FloatingPointError(
+                "sampling produced NaN/inf values (scheduler, steps and guidance together are unstable for this model, "
+                "or its weights are damaged): try fewer steps, another scheduler or a lower guidance scale")
         images = (images.float() + 1) / 2  # [N, C, S, S] in [0, 1]
         flagged = None
         if self.output_checker is not None:
@@ -231,8 +224,9 @@ class FoundationPipeline:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "FoundationPipeline":
         """Move the model to ``device`` and/or cast its weights to ``dtype``; inputs follow."""
-        if dtype is not None and not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype) if isinstance(dtype, str) else dtype  # "bfloat16"
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating-point torch dtype (e.g. torch.bfloat16), got {dtype!r}")
         self.model.to(device=device, dtype=dtype)
         return self
 
@@ -249,7 +243,9 @@ class FoundationPipeline:
         through the same preprocessing as training (``multimodal.preprocess``)."""
         size = self.model.config.image.image_size
         if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[0] and tuple(images.shape[1:]) == (3, size, size):
-            return images.detach().float().clamp(0, 1).to(self.device, self.dtype)  # already a batch at the model's size
+            if not images.is_floating_point() or not bool(((images >= 0) & (images <= 1)).all()):  # also NaN
+                raise ValueError(f"images: a tensor batch must be float in [0, 1], got {images.dtype}")
+            return images.detach().to(self.device, self.dtype)  # already a batch at the model's size
         if isinstance(images, torch.Tensor) and images.dim() == 4:
             items = list(images)
         elif isinstance(images, (list, tuple)):
@@ -263,9 +259,7 @@ class FoundationPipeline:
     @torch.no_grad()
     def embed_text(self, texts: str | Sequence[str]) -> torch.Tensor:
         """L2-normalized text embeddings [B, E] in the shared space."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts:
-            raise ValueError("texts must not be empty")
+        texts = _texts(texts)
         return self.model.encode_text(texts).float()
 
     @torch.no_grad()
@@ -341,9 +335,7 @@ class FoundationPipeline:
         """Each text continued (returned whole: prompt + continuation); text-only, or about
         ``images`` (one per text) when given. ``options`` as for ``caption``."""
         args = GenerationArgs(**options)
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts:
-            raise ValueError("texts must not be empty (pass images to caption() for image-only input)")
+        texts = _texts(texts)  # (images alone: caption())
         self._language()
         states = None
         if images is not None:
@@ -351,6 +343,10 @@ class FoundationPipeline:
             if states.shape[0] != len(texts):
                 raise ValueError(f"images: need one image per text ({len(texts)}), got {states.shape[0]}")
         self.check_prompts(texts)
+        room = self.model.config.text.context_length - 2
+        too_long = [t for t, over in zip(texts, self.model.tokenizer.overflows(texts)) if over]
+        if too_long:
+            raise ValueError(f"texts: {too_long[0][:60]!r} is longer than the model's context ({room} tokens): shorten it")
         prompts = [self._prompt_ids(t) for t in texts]
         new = self._generate(prompts, states, args, generator)
         return [f"{t} {n}".strip() if n else t for t, n in zip(texts, new)]
@@ -365,9 +361,7 @@ class FoundationPipeline:
         """Log-likelihood [T] of each text (its tokens and end-of-text) given ``image``, or
         text-only with ``image=None``. argmax over class prompts is a second zero-shot
         classifier, next to ``classify``."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts:
-            raise ValueError("texts must not be empty")
+        texts = _texts(texts)
         model = self._language()
         tokens = model.tokenize(texts)  # [T, L]
         states = None
@@ -386,3 +380,19 @@ class FoundationPipeline:
         sims = (self.embed_image(images) @ self.embed_text(query).T).squeeze(1)
         values, indices = sims.topk(min(top_k, sims.numel()))
         return [(int(i), float(v)) for i, v in zip(indices, values)]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _texts(texts: Any) -> list[str]:
+    """A string or a non-empty list of strings, as a list; an error names the argument."""
+    texts = [texts] if isinstance(texts, str) else list(texts) if isinstance(texts, (list, tuple)) else None
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise ValueError("texts must be a string or a non-empty list of strings")
+    return texts

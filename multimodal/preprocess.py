@@ -65,13 +65,18 @@ def as_pil(item: Any) -> Image.Image:
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             raise ValueError(f"images: {Path(item).name} is not a readable image ({err})") from None
     if isinstance(item, torch.Tensor):
-        if item.dim() != 3 or item.shape[0] != 3:
-            raise ValueError(f"images: a tensor image must be [3, H, W] in [0, 1], got {tuple(item.shape)}")
-        return Image.fromarray((item.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
+        if item.dim() != 3 or item.shape[0] != 3 or not item.is_floating_point():
+            raise ValueError(f"images: a tensor image must be float [3, H, W] in [0, 1], got {item.dtype} {tuple(item.shape)}")
+        item = item.detach().float().cpu().permute(1, 2, 0).numpy()
     if isinstance(item, np.ndarray):
+        if item.ndim != 3 or item.shape[-1] not in (1, 3, 4):
+            raise ValueError(f"images: an array image must be [H, W, 3] (or 1 / 4 channels), got shape {item.shape}")
         if item.dtype != np.uint8:
-            item = (np.clip(item, 0, 1) * 255).round().astype(np.uint8)
-        return Image.fromarray(item)
+            if not np.issubdtype(item.dtype, np.floating) or not np.isfinite(item).all() or item.min() < 0 or item.max() > 1:
+                raise ValueError(f"images: an array image must be uint8 in [0, 255] or float in [0, 1], got {item.dtype} "
+                                 f"with values in [{item.min()}, {item.max()}]")
+            item = (item * 255).round().astype(np.uint8)
+        return Image.fromarray(item[..., 0] if item.shape[-1] == 1 else item)
     if not isinstance(item, Image.Image):
         raise ValueError(f"images: unsupported type {type(item).__name__} (PIL image, numpy array, tensor or path)")
     return item

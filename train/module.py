@@ -98,6 +98,12 @@ class FoundationModule(L.LightningModule):
         self.save_hyperparameters()
         if on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"model.on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+        for name, ok, allowed in (("lr", lr > 0, "> 0"), ("weight_decay", weight_decay >= 0, ">= 0"), ("eps", eps > 0, "> 0"),
+                                  ("betas", all(0 <= b < 1 for b in betas), "each in [0, 1)"),
+                                  ("warmup_steps", warmup_steps >= 0, ">= 0"), ("min_lr_ratio", 0 <= min_lr_ratio <= 1, "in [0, 1]"),
+                                  ("diffusion_batch_size", diffusion_batch_size is None or diffusion_batch_size >= 1, ">= 1 or null")):
+            if not ok:
+                raise ValueError(f"model.{name} must be {allowed}, got {locals()[name]!r}")
         unknown_groups = set(lr_multipliers or {}) - set(COMPONENTS) - {"logit_scale"}
         if unknown_groups:
             raise ValueError(f"model.lr_multipliers has unknown component(s) {sorted(unknown_groups)}; known: {', '.join(COMPONENTS)}, logit_scale")
@@ -126,6 +132,10 @@ class FoundationModule(L.LightningModule):
             frozen_by = "model.freeze" if freeze is not None else f"stage {stage!r}"
             self.frozen = add_training_adapter(self.model, lora, adapter_dir, self.base_model, self.frozen, self.init_report, frozen_by)
             self.hparams["lora"] = asdict(self.model.adapter)  # so that a checkpoint rebuilds the same layers
+        parts = lora_utils.components(self.model)
+        if not any(p.requires_grad for c in COMPONENTS if parts[c] is not None for p in parts[c].parameters()):
+            raise ValueError(f"every component is frozen (model.freeze / stage {stage!r}): nothing would train; "
+                             f"leave at least one of {', '.join(COMPONENTS)} out of model.freeze")
         self.loss = FoundationLoss(self.stage.loss_weights)
         decoder_trains = self.stage.uses("diffusion") and "decoder" not in self.frozen and self.model.adapter is None
         self.ema = (EMAModel(self.model.decoder.parameters(), decay=config.decoder.ema_decay)
