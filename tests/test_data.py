@@ -225,3 +225,18 @@ def test_hf_source_from_disk(tmp_path):
     assert torch.allclose(batch["image"][0], collate([dm.train_set[0]])["image"][0])
     with pytest.raises(ValueError, match="data.caption_column 'text'"):
         FoundationDataModule(source="hf", path=str(tmp_path / "hf"), image_column="picture").setup()
+
+
+def test_fit_without_a_validation_split_still_exports(tmp_path, capsys):
+    """webdataset without data.val_path: training runs with validation off, the end of fit says
+    that nothing was measured and still exports the model (its card says: not measured)."""
+    members = {}
+    for i in range(16):
+        img, caption, _ = generate(0, "train", i)
+        members[f"s{i:02d}.png"], members[f"s{i:02d}.txt"] = _png(img), caption.encode()
+    _tar(tmp_path / "train-000.tar", members)
+    cfg = scaled_config(tmp_path, ALIGN, max_steps=2, limit_val_batches=0)
+    assert main(["fit", "--config", str(cfg), "--data.source", "webdataset", "--data.path", str(tmp_path / "train-000.tar"),
+                 "--data.batch_size", "8", "--data.shuffle_buffer", "0"]) == 0
+    assert "nothing measured" in capsys.readouterr().out
+    assert "Not measured yet" in (tmp_path / "runs/align/version_0/model/README.md").read_text()

@@ -22,10 +22,16 @@ from .grid import prediction_grid
 
 def _final(trainer: L.Trainer, module: Any) -> dict[str, float] | None:
     """The final metrics on rank 0 (None elsewhere, and under FSDP, where evaluating would need
-    every rank in every forward: evaluate the export with ``multimodal test``)."""
-    if isinstance(trainer.strategy, FSDPStrategy) or not trainer.is_global_zero or trainer.datamodule is None:
+    every rank in every forward: evaluate the export with ``multimodal test``); empty when the
+    data has no validation split."""
+    if isinstance(trainer.strategy, FSDPStrategy) or not trainer.is_global_zero:
         return None
-    return final_metrics(trainer, module)
+    return final_metrics(trainer, module) if _has_validation(trainer) else {}
+
+
+def _has_validation(trainer: L.Trainer) -> bool:
+    """Whether the data module has a validation split (webdataset needs ``data.val_path``)."""
+    return trainer.datamodule is not None and getattr(trainer.datamodule, "val_set", True) is not None
 
 
 class FitReport(Callback):
@@ -42,6 +48,9 @@ class FitReport(Callback):
         out_dir = Path(trainer.log_dir or ".")  # a collective call (broadcast): every rank makes it
         metrics = _final(trainer, pl_module)
         if metrics is None:
+            return
+        if not _has_validation(trainer):
+            print("No validation split (data.val_path): nothing measured at the end of fit.", flush=True)
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps({**metrics, "global_step": trainer.global_step}, indent=2) + "\n")
