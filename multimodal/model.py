@@ -122,12 +122,12 @@ class FoundationModel(nn.Module):
                 targets.append(target[rows][real])
         return torch.cat(logits), torch.cat(targets)
 
-    def condition(self, states: torch.Tensor, pooled: torch.Tensor, drop_prob: float = 0.0, grad: bool = False) -> TextCondition:
+    def condition(self, states: torch.Tensor, pooled: torch.Tensor, drop_prob: float | None = None, grad: bool = False) -> TextCondition:
         """The decoder's condition from text states [B, L, W] and pooled embeddings [B, E];
         with ``drop_prob`` each sample is replaced by the empty prompt's condition with that
         probability (classifier-free-guidance dropout: the unconditional model is learned too)."""
         cond = TextCondition(states, F.normalize(pooled, dim=-1))
-        if drop_prob > 0:
+        if drop_prob is not None:  # training: drawn even at 0, so the random stream does not depend on it
             drop = torch.rand(states.shape[0], device=states.device) < drop_prob  # [B]
             if drop.any():
                 with torch.set_grad_enabled(grad and torch.is_grad_enabled()):

@@ -18,6 +18,7 @@ from multimodal.zero_shot import zero_shot_weights
 
 from .evaluation import final_metrics
 from .grid import prediction_grid
+from .init import OPEN_CLIP_PREFIX
 
 
 def _final(trainer: L.Trainer, module: Any) -> dict[str, float] | None:
@@ -115,10 +116,10 @@ class ExportModel(Callback):
                     data=describe_data(trainer.datamodule), metrics=metrics,
                     command=f"multimodal test --config {out_dir / 'config.yaml'} --model.init_from {target}" + (
                         f" --model.overrides '{json.dumps(hp.overrides)}'"  # the open_clip architecture
-                        if str(hp.init_from or "").startswith("open_clip:") else ""),
+                        if str(hp.init_from or "").startswith(OPEN_CLIP_PREFIX) else ""),
                     training=(f"`multimodal fit` stage `{hp.stage}`, preset `{hp.preset}`, {trainer.global_step} steps; "
                               f"the run's resolved config is `{out_dir / 'config.yaml'}`. "
-                              "Metrics are on the held-out validation split, with the EMA decoder."
+                              + (" Metrics are on the held-out validation split, with the EMA decoder." if metrics else "")
                               + (lora_summary(model.adapter, pl_module.base_model) if model.adapter else "")),
                 )
                 if model.adapter is not None:  # the adapter alone, with its base's name and hash
@@ -128,6 +129,7 @@ class ExportModel(Callback):
                 else:
                     model.save_pretrained(target, model_card=card)
                     print(f"saved model to {target} (FoundationPipeline.from_pretrained)", flush=True)
+        pl_module.end_evaluation()  # the final features are not needed any more
 
     def _export_sharded(self, trainer: L.Trainer, pl_module: Any, out_dir: Path) -> None:
         state = trainer.strategy.lightning_module_state_dict()

@@ -46,8 +46,9 @@ class SplitInfo:
 class ValidationData:
     """The validation split as evaluators see it: ``image_features`` / ``text_features`` [N, E]
     (unit norm, fp32), ``labels`` [N] (class index, -1: none), ``groups`` [N] (index of the
-    image's caption in ``info.captions``), ``pixels`` [N, 3, S, S] uint8 (None unless an
-    evaluator has ``needs_pixels``: images of a large split are big). All on the CPU."""
+    image's caption in ``info.captions``), ``pixels`` [N, 3, S, S] uint8 (during training kept
+    only when an evaluator has ``needs_pixels``: images of a large split are big; the end-of-fit
+    evaluation keeps them for its picture). All on the CPU."""
 
     image_features: torch.Tensor
     text_features: torch.Tensor
@@ -143,7 +144,7 @@ def final_metrics(trainer: L.Trainer, module: Any) -> dict[str, float]:
     """Every evaluator's metrics on the final weights: those of the last validation when it ran
     at this step, else a fresh evaluation (all ranks take part in gathering the features)."""
     step, metrics = module.last_metrics
-    if step == trainer.global_step and metrics:
+    if step == trainer.global_step:  # the last validation (or final evaluation) ran on these weights
         return dict(metrics)
     module.start_evaluation(trainer.datamodule.val_dataloader())
     results: dict[str, float] = {}

@@ -165,6 +165,9 @@ class FoundationModule(L.LightningModule):
                 raise ValueError("model.lora does not work with FSDP here yet (its export gathers full weights): use ddp; adapters are small")
             if isinstance(self.trainer.strategy, FSDPStrategy) and self.ema is not None:  # shadow weights full-size, live ones sharded
                 raise ValueError("the decoder EMA does not work with FSDP yet: set model.overrides {decoder: {ema_decay: 0}} or use ddp")
+            alone = [type(cb).__name__ for cb in self.trainer.callbacks if getattr(cb, "rank_zero_only", False)]
+            if isinstance(self.trainer.strategy, FSDPStrategy) and alone:  # a sharded forward needs every rank
+                raise ValueError(f"evaluators {alone} run the model on one rank, which FSDP cannot: use ddp, or evaluate the export with multimodal test")
         dm = self.trainer.datamodule if self._trainer is not None else None
         size = getattr(dm, "image_size", None)
         if size is not None and size != self.model.config.image.image_size:

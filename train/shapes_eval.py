@@ -13,6 +13,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 
 from multimodal.pipeline import FoundationPipeline
 
@@ -27,8 +28,13 @@ def generate_fixed(model: Any, prompts: list[str], device: torch.device) -> torc
     seeded with i (comparable across validations, and with the API, CLI and demo)."""
     with warnings.catch_warnings():  # evaluation prompts are ours: no filter needed
         warnings.filterwarnings("ignore", message="generating without a prompt filter")
-        out = FoundationPipeline(model)(prompts, output_type="pt", show_progress=False,
-                                        generator=[torch.Generator(device).manual_seed(i) for i in range(len(prompts))])
+        try:
+            out = FoundationPipeline(model)(prompts, output_type="pt", show_progress=False,
+                                            generator=[torch.Generator(device).manual_seed(i) for i in range(len(prompts))])
+        except FloatingPointError as err:  # an unstable decoder scores 0 (and training goes on) rather than stopping the run
+            rank_zero_warn(f"evaluation samples are not finite ({err}); scored as blank images")
+            size = model.config.decoder.image_size
+            return torch.zeros(len(prompts), model.config.decoder.channels, size, size)
     return out.images
 
 
