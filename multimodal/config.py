@@ -173,6 +173,9 @@ class FoundationConfig:
     def __post_init__(self) -> None:
         _check(self.embed_dim >= 1, f"embed_dim must be at least 1, got {self.embed_dim}")
         _choice(self.attention_backend, "attention_backend", ATTENTION_BACKENDS)
+        if self.decoder is not None:  # multistep solvers (dpm++, unipc) give NaN at the schedule's length
+            _check(self.sampling.steps < self.decoder.num_train_timesteps,
+                   f"sampling.steps must be below decoder.num_train_timesteps ({self.decoder.num_train_timesteps}), got {self.sampling.steps}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FoundationConfig":

@@ -31,6 +31,8 @@ def test_sampling_settings_are_stored_with_the_model(model_dir):
     assert FoundationPipeline.from_pretrained(model_dir).scheduler == "dpm++"
     with pytest.raises(ValueError, match="sampling.steps must be an integer in"):
         FoundationConfig.from_preset("tiny", {"sampling": {"steps": 0}})
+    with pytest.raises(ValueError, match=r"sampling.steps must be below decoder.num_train_timesteps \(100\)"):
+        FoundationConfig.from_preset("tiny", {"sampling": {"steps": 200}, "decoder": {"num_train_timesteps": 100}})
     with pytest.raises(ValueError, match="sampling.scheduler must be one of"):
         FoundationConfig.from_preset("tiny", {"sampling": {"scheduler": "plms"}})
 

@@ -26,7 +26,7 @@ from multimodal.lora import count_parameters, weights_sha256
 from train.module import FoundationModule
 from train.shapes import write_new_domain
 
-from conftest import ROOT
+from conftest import ROOT, assert_same_computation
 
 ALL = ["text", "image", "decoder", "language"]
 
@@ -75,13 +75,15 @@ def test_adapter_save_load_merge_unload(tiny_model, tmp_path):
 
     # the adapter folder alone brings its base; outputs equal the in-memory adapted model
     pipe = FoundationPipeline.from_pretrained(out)
-    assert all(torch.allclose(v, adapted[k], atol=1e-6) for k, v in _outputs(pipe.model).items())
+    # the same weights and computation, reloaded: equal up to fp32 summation order (UNet convs: 3x3x32 terms)
+    for k, v in _outputs(pipe.model).items():
+        assert_same_computation(v, adapted[k], reduction=9 * 32, depth=2)
     # merge: the same outputs from plain weights, W + (alpha / r) B A
     layer = pipe.model.encoders.text.transformer.blocks[0].attn.qkv
     expected = layer.base_layer.weight + 2.0 * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
     pipe.merge_adapter()
     assert pipe.model.adapter is None and isinstance(pipe.model.encoders.text.transformer.blocks[0].attn.qkv, torch.nn.Linear)
-    assert torch.allclose(pipe.model.encoders.text.transformer.blocks[0].attn.qkv.weight, expected, atol=1e-6)
+    assert_same_computation(pipe.model.encoders.text.transformer.blocks[0].attn.qkv.weight, expected, reduction=2)  # B @ A: r = 2 terms
     assert all(torch.allclose(v, adapted[k], atol=1e-5) for k, v in _outputs(pipe.model).items())
     merged_dir = pipe.save_pretrained(tmp_path / "merged")
     assert all(torch.allclose(v, adapted[k], atol=1e-5) for k, v in _outputs(FoundationModel.from_pretrained(merged_dir)).items())

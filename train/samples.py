@@ -15,9 +15,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data._utils.collate import default_collate
 
+from multimodal.files import IMAGE_SUFFIXES
 from multimodal.preprocess import preprocess
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+IMAGE_EXTENSIONS = tuple(s.lstrip(".") for s in IMAGE_SUFFIXES)  # webdataset member keys: no dot
 TEXT_EXTENSIONS = ("txt", "text", "caption")
 # What the checks count. Skipped: the sample is dropped. Fixed: the sample is used, repaired.
 SKIPPED = (
