@@ -30,6 +30,13 @@ class Tokenizer:
         room = self.context_length - 2  # start- and end-of-text tokens
         return [len(self._bpe.encode(t)) > room for t in texts]
 
+    def word_ids(self, text: str) -> list[tuple[str, list[int]]]:
+        """Each word of ``text`` (as the tokenizer splits and lowercases it) with its token ids."""
+        import regex  # open_clip's own dependency: its split pattern needs it
+
+        words = regex.findall(self._bpe.pat, " ".join(text.lower().split()))
+        return [(w, self._bpe.encode(w)) for w in words]
+
     def decode(self, tokens: torch.Tensor | list[int]) -> str:
         ids = [int(t) for t in tokens if int(t) not in (0, self.sot_token_id, self.eot_token_id)]
         return self._bpe.decode(ids).strip()

@@ -37,11 +37,17 @@ def model_card(
     reproduces them."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    heads = [h for h, present in (("diffusion decoder", config.decoder), ("language head", config.language)) if present]
-    meta = ModelCardData(
-        license=license, library_name="multimodal-foundation",
-        tags=["clip", "contrastive", "text-to-image", "image-captioning", "multimodal"],
-    )
+    from .knowledge import TRAIN_COMMANDS, trained_components
+
+    trained = trained_components(config)
+    heads = [h for h, part in (("diffusion decoder", "decoder"), ("language head", "language")) if part in trained]
+    untrained = [c for c in ("text", "image", "decoder", "language") if getattr(config, c, True) is not None and c not in trained]
+    tags = ["clip", "contrastive"] * ("text" in trained) + ["text-to-image"] * ("decoder" in trained)
+    meta = ModelCardData(license=license, library_name="multimodal-foundation",
+                         tags=tags + ["image-captioning"] * ("language" in trained) + ["multimodal"])
+    not_trained = "".join(
+        f"\n\nNot trained: the {c} component (its weights are random; inference refuses it). Train it with `{TRAIN_COMMANDS[c]}`."
+        for c in untrained)
     if metrics:
         rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
         measured = f"| metric | value |\n|---|---|\n{rows}\n\nReproduce with:\n\n```bash\n{command}\n```"
@@ -54,7 +60,7 @@ def model_card(
 # {name}
 
 Shared text and image encoders aligned in one embedding space{', with a ' + ' and a '.join(heads) + ' on the same text encoder' if heads else ''}
-(multimodal-foundation). Load with `FoundationPipeline.from_pretrained("<this folder>")`.
+(multimodal-foundation). Load with `FoundationPipeline.from_pretrained("<this folder>")`.{not_trained}
 
 ## Training data
 

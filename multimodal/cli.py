@@ -12,12 +12,14 @@ from .config import SCHEDULER_NAMES  # standard library only: --help stays fast
 
 TRAIN_COMMANDS = ("fit", "validate", "test", "predict")
 MAX_IMAGES = 64  # per generate command (each image costs memory at every sampling step)
-USAGE = """usage: multimodal {fit,validate,test,predict,export,merge,generate,classify,caption,complete,demo,probe} ...
+USAGE = """usage: multimodal {fit,validate,test,predict,evaluate,prepare,export,merge,generate,classify,caption,complete,demo,probe} ...
 
   fit        train (LightningCLI: --config assets/configs/align.yaml; --print_config shows every option)
   validate   evaluate a checkpoint on the validation split (--ckpt_path)
   test       same metrics on the held-out split (--ckpt_path)
   predict    run prediction (--ckpt_path)
+  evaluate   a model on any image-caption folder: retrieval, zero-shot, caption BLEU/CIDEr/ROUGE, FID/KID -> report/
+  prepare    write a real data set a package ships (digits: scikit-learn's handwritten digits) as train/ and val/ folders
   export     Lightning checkpoint -> save_pretrained folder (decoder/ also in diffusers' format; LoRA runs: the adapter)
   merge      LoRA adapter + its base model -> a merged full model
   generate   text -> image(s)
@@ -54,6 +56,7 @@ def _pipeline(args: argparse.Namespace, **kwargs):
 
         if not is_adapter_folder(adapter):
             raise FileNotFoundError(f"--adapter: {adapter} is not an adapter folder (no adapter_config.json)")
+    kwargs["allow_untrained"] = getattr(args, "allow_untrained", False)
     if adapter is not None and args.model is None:
         return FoundationPipeline.from_pretrained(adapter, **kwargs)
     return FoundationPipeline.from_pretrained(_model_dir(args.model), adapter=adapter, **kwargs)
@@ -81,8 +84,11 @@ def _export(args: argparse.Namespace) -> int:
     known = inspect.signature(FoundationModule.__init__).parameters
     hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in known}
     module = FoundationModule(**{**hparams, "init_from": None})
+    module.on_load_checkpoint(ckpt)  # the decoder's EMA weights, what the starting point knew
     module.load_state_dict(ckpt["state_dict"])
-    module.on_load_checkpoint(ckpt)  # the decoder's EMA weights
+    data = ckpt.get("datamodule_hyper_parameters") or {}
+    model = module.model
+    model.config.training, model.vocabulary = module.knowledge({"source": data.get("source"), "path": data.get("path")}, step)
     del ckpt
     from .card import model_card
 
@@ -93,7 +99,6 @@ def _export(args: argparse.Namespace) -> int:
                   "weights are the EMA weights."),
     )
     dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
-    model = module.model
     if model.adapter is not None and not args.merge:  # a LoRA run: the adapter alone
         model.save_adapter(args.out, card=card)  # with the base (and its hash) recorded when training started
         print(f"wrote the LoRA adapter to {args.out} (base: {model.adapter.base_model}; --merge writes a full model instead)")
@@ -119,6 +124,7 @@ def _generate(args: argparse.Namespace) -> int:
         num_images_per_prompt=args.num_images,
         generator=[torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)],
     )
+    _warn_unseen(pipe, args.prompt)
     target = Path(args.out)
     target.parent.mkdir(parents=True, exist_ok=True)
     paths = [target] if len(out.images) == 1 else [target.with_name(f"{target.stem}_{i}{target.suffix}") for i in range(len(out.images))]
@@ -160,13 +166,19 @@ def _classify(args: argparse.Namespace) -> int:
         scores = pipe.classify_few_shot(args.images, [str(p) for p in paths], support_labels)
         probs = (pipe.model.encoders.logit_scale.exp().float().cpu() * scores).softmax(-1)
     else:
+        import warnings
+
+        from .knowledge import UnseenWordsWarning
         from .templates import DEFAULT_TEMPLATES
 
         labels = [label.strip() for label in args.labels.split(",") if label.strip()]
         if len(labels) < 2:
             raise ValueError(f"--labels: give at least two comma-separated labels, got {args.labels!r}")
         templates = args.templates or DEFAULT_TEMPLATES
-        probs = pipe.classify(args.images, labels, templates=templates)
+        with warnings.catch_warnings():  # said once, below, in the CLI's words
+            warnings.simplefilter("ignore", UnseenWordsWarning)
+            probs = pipe.classify(args.images, labels, templates=templates)
+        _warn_unseen(pipe, [t.format(label) for t in templates for label in labels])
     for image, row in zip(args.images, probs):
         best = sorted(zip(labels, row.tolist()), key=lambda x: -x[1])[: args.top]
         print(f"{image}\t" + "\t".join(f"{label} {p:.3f}" for label, p in best))
@@ -181,6 +193,7 @@ def _complete(args: argparse.Namespace) -> int:
     pipe = _pipeline(args)
     images = [args.image] if args.image is not None else None
     print(pipe.complete([args.text], images=images, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)[0])
+    _warn_unseen(pipe, args.text)
     return 0
 
 
@@ -216,6 +229,24 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from train.evaluate import run_evaluate
+
+    run_evaluate(str(_model_dir(args.model)), args.data, args.out, args.train_data, args.inception_weights,
+                 args.limit, args.overwrite)
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from .datasets import write_digits
+
+    counts = write_digits(args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out}/train ({counts['train']} images) and {args.out}/val ({counts['val']} images) with "
+          "metadata.jsonl captions made from the labels; train all heads with\n"
+          f"  multimodal fit --config assets/configs/folder.yaml --data.path {args.out}/train --data.val_path {args.out}/val")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import launch
 
@@ -224,6 +255,21 @@ def _demo(args: argparse.Namespace) -> int:
     else:
         launch(_model_dir(args.model), host=args.host, port=args.port, adapter=args.adapter)
     return 0
+
+
+def _model_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--model", default=None, help="a save_pretrained folder (default: the shipped shapes model)")
+    command.add_argument("--adapter", default=None, help="a LoRA adapter folder to apply (alone: on the base it records)")
+    command.add_argument("--allow-untrained", action="store_true",
+                         help="run components this model never trained (refused otherwise: their output is noise)")
+
+
+def _warn_unseen(pipe, texts) -> None:
+    """Tell the user which words of their input the model never saw in training."""
+    from .knowledge import unseen_message
+
+    if words := pipe.unseen_words(texts):
+        print(f"warning: {unseen_message(words)}", file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -242,8 +288,7 @@ def _parser() -> argparse.ArgumentParser:
     mrg.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     gen = sub.add_parser("generate", help="text -> image(s)")
     gen.add_argument("prompt")
-    gen.add_argument("--model", default=None, help="a save_pretrained folder (default: the shipped shapes model)")
-    gen.add_argument("--adapter", default=None, help="a LoRA adapter folder to apply (alone: on the base it records)")
+    _model_options(gen)
     gen.add_argument("--out", default="image.png", help="output PNG (several images: NAME_0.png, NAME_1.png, ...; default image.png)")
     gen.add_argument("--negative", default=None, help="negative prompt (default: the empty prompt)")
     gen.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's recommended, config.json 'sampling')")
@@ -254,8 +299,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=int, default=1, help=f"images to generate, 1..{MAX_IMAGES} (default 1)")
     cap = sub.add_parser("caption", help="image(s) -> caption(s)")
     cap.add_argument("images", nargs="+", help="image file(s)")
-    cap.add_argument("--model", default=None, help="a save_pretrained folder (default: the shipped shapes model)")
-    cap.add_argument("--adapter", default=None, help="a LoRA adapter folder to apply (alone: on the base it records)")
+    _model_options(cap)
     cap.add_argument("--max-new-tokens", type=int, default=16)
     cap.add_argument("--num-beams", type=int, default=1)
     cap.add_argument("--sample", action="store_true", help="sample instead of greedy / beam search")
@@ -270,26 +314,34 @@ def _parser() -> argparse.ArgumentParser:
     cls.add_argument("--shots", type=int, default=None, help="with --support: use at most this many examples per class")
     cls.add_argument("--templates", nargs="*", default=None, help="prompt templates with {} (default: the shapes caption templates)")
     cls.add_argument("--top", type=int, default=3, help="how many labels to print per image")
-    cls.add_argument("--model", default=None, help="a save_pretrained folder (default: the shipped shapes model)")
-    cls.add_argument("--adapter", default=None, help="a LoRA adapter folder to apply (alone: on the base it records)")
+    _model_options(cls)
     com = sub.add_parser("complete", help="text -> text")
     com.add_argument("text")
     com.add_argument("--image", default=None, help="complete the text about this image")
     com.add_argument("--max-new-tokens", type=int, default=16)
     com.add_argument("--num-beams", type=int, default=1)
-    com.add_argument("--model", default=None, help="a save_pretrained folder (default: the shipped shapes model)")
-    com.add_argument("--adapter", default=None, help="a LoRA adapter folder to apply (alone: on the base it records)")
+    _model_options(com)
     prb = sub.add_parser("probe", help="linear probe / zero-shot / few-shot accuracy on a labeled folder")
     prb.add_argument("--data", required=True, help="a folder with one subfolder of images per class (name: the class)")
-    prb.add_argument("--model", default=None, help="a save_pretrained folder (default: the shipped shapes model)")
-    prb.add_argument("--adapter", default=None, help="a LoRA adapter folder to apply (alone: on the base it records)")
+    _model_options(prb)
     prb.add_argument("--templates", nargs="*", default=None, help="zero-shot prompt templates with {}")
     prb.add_argument("--test-fraction", type=float, default=0.5, help="share of each class held out for testing")
     prb.add_argument("--shots", type=int, default=5, help="examples per class for the prototypes")
     prb.add_argument("--seed", type=int, default=0)
+    ev = sub.add_parser("evaluate", help="a model on an image-caption folder -> report.json, report.md, PNGs")
+    ev.add_argument("--model", default=None, help="a save_pretrained folder (default: the shipped shapes model)")
+    ev.add_argument("--data", required=True, help="the evaluation folder (images + captions; class subfolders give zero-shot and class scores)")
+    ev.add_argument("--out", default="report", help="output folder (default report/; never overwritten without --overwrite)")
+    ev.add_argument("--train-data", default=None, help="the training folder, for the pixel classifier (default: the one the model's record names)")
+    ev.add_argument("--inception-weights", default=None, help="a local Inception-v3 FID weights file: FID/KID on Inception features too")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate at most this many images (default: all)")
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    pre = sub.add_parser("prepare", help="write a data set a package ships as image folders")
+    pre.add_argument("dataset", choices=("digits",), help="digits: scikit-learn's handwritten digits (1797 scans, CC BY 4.0)")
+    pre.add_argument("out", help="output folder (gets train/ and val/)")
+    pre.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
     dem = sub.add_parser("demo", help="the Gradio demo page")
-    dem.add_argument("--model", default=None, help="a save_pretrained folder (default: the shipped shapes model)")
-    dem.add_argument("--adapter", default=None, help="a LoRA adapter folder to apply (alone: on the base it records)")
+    _model_options(dem)
     dem.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     dem.add_argument("--port", type=int, default=7860)
     return parser
@@ -308,14 +360,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         commands = {
             "export": _export, "merge": _merge, "generate": _generate, "caption": _caption, "classify": _classify,
-            "complete": _complete, "demo": _demo, "probe": _probe,
+            "complete": _complete, "demo": _demo, "probe": _probe, "evaluate": _evaluate, "prepare": _prepare,
         }
         if argv[0] not in commands:
             print(f"multimodal: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
             return 2
         args = _parser().parse_args(argv)
         return commands[args.command](args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, ImportError) as err:
         print(f"multimodal {argv[0]}: error: {err}", file=sys.stderr)
         return 2
 

@@ -155,6 +155,28 @@ class SamplingConfig:
 
 
 @dataclass
+class TrainingRecord:
+    """What a model was trained on, kept in its ``config.json``: per component the optimizer
+    steps that trained it (0: never trained, so inference refuses it) and one entry per
+    ``fit`` run (stage, steps, data, where it started). A config without a record (built by
+    hand, or saved before records existed) is of unknown history: nothing is refused."""
+
+    steps: dict[str, int] = field(default_factory=dict)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    pretrained: list[str] = field(default_factory=list)  # components with weights trained elsewhere (open_clip)
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.steps, dict) and set(self.steps) <= set(COMPONENTS), f"training.steps keys must be among {COMPONENTS}, got {self.steps}")
+        _check(all(isinstance(v, int) and v >= 0 for v in self.steps.values()), f"training.steps values must be integers >= 0, got {self.steps}")
+        self.steps = {c: int(self.steps.get(c, 0)) for c in COMPONENTS}
+        _check(isinstance(self.runs, list) and all(isinstance(r, dict) for r in self.runs), "training.runs must be a list of mappings")
+        _check(set(self.pretrained) <= set(COMPONENTS), f"training.pretrained entries must be among {COMPONENTS}, got {self.pretrained}")
+
+    def trained(self, component: str) -> bool:
+        return self.steps.get(component, 0) > 0 or component in self.pretrained
+
+
+@dataclass
 class FoundationConfig:
     """The whole model, composed of its parts: both encoders project into one ``embed_dim``
     space; ``decoder: None`` is a model without a diffusion decoder, ``language: None`` one
@@ -169,6 +191,7 @@ class FoundationConfig:
     decoder: DecoderConfig | None = None
     language: LanguageHeadConfig | None = None
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    training: TrainingRecord | None = None  # what each component was trained on (filled in by fit)
 
     def __post_init__(self) -> None:
         _check(self.embed_dim >= 1, f"embed_dim must be at least 1, got {self.embed_dim}")

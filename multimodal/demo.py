@@ -1,7 +1,9 @@
 """Gradio demo page: ``multimodal demo [--model DIR] [--host 127.0.0.1] [--port 7860]``.
 
 Tabs Generate, Classify, Search, Caption and Complete, each also an API endpoint
-(``/generate``, ``/classify``, ``/search``, ``/caption``, ``/complete``) for ``gradio_client``.
+(``/generate``, ``/classify``, ``/search``, ``/caption``, ``/complete``) for ``gradio_client``;
+generate, classify and complete also return a note naming prompt words the model never saw,
+and a component the model never trained is refused with the command that trains it.
 Hardened by default: binds 127.0.0.1, never shares, a bounded queue with a concurrency limit,
 an upload size limit, every input bounded and checked on the server (the sliders' bounds are
 only a convenience of the page), and Gradio serves no file outside its own cache.
@@ -10,6 +12,7 @@ only a convenience of the page), and Gradio serves no file outside its own cache
 from __future__ import annotations
 
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from PIL import Image
 from diffusion.schedule import SCHEDULERS
 
 from .config import DemoLimits
+from .knowledge import UntrainedComponentError, trained_components, unseen_message
 from .pipeline import FoundationPipeline
 from .preprocess import as_pil
 from .templates import DEFAULT_TEMPLATES
@@ -77,6 +81,19 @@ def _view(image: Image.Image, size: int = 192) -> Image.Image:
     return image.resize((size, size), Image.NEAREST) if image.width < size else image
 
 
+def _note(pipe: FoundationPipeline, texts: list[str]) -> str:
+    """The note under a result: prompt words the model never saw in training."""
+    words = pipe.unseen_words(texts)
+    return f"**Note:** {unseen_message(words)}." if words else ""
+
+
+def _refuse_untrained(pipe: FoundationPipeline, *components: str) -> None:
+    try:
+        pipe._require(*components)
+    except UntrainedComponentError as err:
+        raise _error(str(err)) from None
+
+
 def example_images() -> list[Path]:
     return sorted(EXAMPLES.glob("*.png"))
 
@@ -102,22 +119,25 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
             raise _error(f"scheduler must be one of {', '.join(sorted(SCHEDULERS))}, got {scheduler!r}")
         if not has_decoder:
             raise _error("this model has no diffusion decoder")
+        _refuse_untrained(pipe, "text", "decoder")
         with lock:
             out = pipe(
                 prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
                 num_images_per_prompt=count, scheduler=scheduler,
                 generator=[torch.Generator().manual_seed(seed + i) for i in range(count)],
             )
-        return [(_view(img), f"seed {seed + i}") for i, img in enumerate(out.images)]
+        return [(_view(img), f"seed {seed + i}") for i, img in enumerate(out.images)], _note(pipe, [prompt])
 
     def classify(image, labels):
         image = _image(image)
         names = [n.strip() for n in _text(labels, "labels", limits, max_chars=limits.max_labels * 40).replace("\n", ",").split(",") if n.strip()]
         if not 2 <= len(names) <= limits.max_labels:
             raise _error(f"labels: give between 2 and {limits.max_labels} comma-separated labels, got {len(names)}")
-        with lock:
+        _refuse_untrained(pipe, "text", "image")
+        with lock, warnings.catch_warnings():  # said in the note instead
+            warnings.simplefilter("ignore")
             probs = pipe.classify(image, names, templates=DEFAULT_TEMPLATES)[0]
-        return {name: float(p) for name, p in zip(names, probs)}
+        return {name: float(p) for name, p in zip(names, probs)}, _note(pipe, [t.format(n) for t in DEFAULT_TEMPLATES for n in names])
 
     def search(query, uploads, top_k):
         query = _text(query, "query", limits)
@@ -129,6 +149,7 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
         if not images:
             raise _error("nothing to search: upload images")
         top_k = _number(top_k, "results", 1, len(images))
+        _refuse_untrained(pipe, "text", "image")
         with lock:
             ranked = pipe.retrieve(query, images, top_k=top_k)
         return [(_view(images[i]), f"{names[i]}  {score:.3f}") for i, score in ranked]
@@ -138,6 +159,7 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
         beams = _number(num_beams, "beams", 1, 8)
         if not has_language:
             raise _error("this model has no language head")
+        _refuse_untrained(pipe, "image", "language")
         with lock:
             return pipe.caption(image, num_beams=beams, max_new_tokens=limits.max_new_tokens)[0]
 
@@ -146,14 +168,18 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
         budget = _number(max_new_tokens, "new tokens", 1, limits.max_new_tokens)
         if not has_language:
             raise _error("this model has no language head")
+        _refuse_untrained(pipe, "text", "language")
         with lock:
-            return pipe.complete(text, max_new_tokens=budget)[0]
+            return pipe.complete(text, max_new_tokens=budget)[0], _note(pipe, [text])
 
     examples = [str(p) for p in example_images()[:4]]
+    trained = trained_components(pipe.model.config)
+    untrained = [c for c in ("decoder", "language") if getattr(pipe.model, c) is not None and c not in trained]
     with gr.Blocks(title="multimodal-foundation demo") as demo:
         gr.Markdown(
             "# multimodal-foundation\nOne shared text encoder: generate images, classify and search "
             "images zero-shot, caption images and complete text."
+            + "".join(f"\n\n**This model's {c} was never trained**: its tab is refused." for c in untrained)
         )
         with gr.Tab("Generate"):
             with gr.Row():
@@ -167,9 +193,11 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
                     g_scheduler = gr.Dropdown(sorted(SCHEDULERS), value=pipe.scheduler, label="Scheduler")
                     g_count = gr.Slider(1, limits.max_images, value=min(4, limits.max_images), step=1, label="Number of images")
                     g_button = gr.Button("Generate", variant="primary")
-                g_gallery = gr.Gallery(label="Images", columns=4, elem_id="generate-gallery", format="png")  # lossless: the pixels the model made
+                with gr.Column():
+                    g_gallery = gr.Gallery(label="Images", columns=4, elem_id="generate-gallery", format="png")  # lossless: the pixels the model made
+                    g_note = gr.Markdown(elem_id="generate-note")
             g_button.click(generate, [g_prompt, g_negative, g_steps, g_guidance, g_seed, g_scheduler, g_count],
-                           g_gallery, api_name="generate")
+                           [g_gallery, g_note], api_name="generate")
             gr.Examples([["a large red circle"], ["a small blue square at the top left"], ["a green triangle"]], [g_prompt])
         with gr.Tab("Classify"):
             with gr.Row():
@@ -178,7 +206,8 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
                     c_labels = gr.Textbox(label="Labels (comma-separated)", value="red circle, blue square, green triangle, yellow diamond")
                     c_button = gr.Button("Classify", variant="primary")
                     c_out = gr.Label(label="Probabilities", num_top_classes=5)
-            c_button.click(classify, [c_image, c_labels], c_out, api_name="classify")
+                    c_note = gr.Markdown(elem_id="classify-note")
+            c_button.click(classify, [c_image, c_labels], [c_out, c_note], api_name="classify")
             if examples:
                 gr.Examples([[e] for e in examples], [c_image])
         with gr.Tab("Search"):
@@ -206,7 +235,8 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
             t_tokens = gr.Slider(1, limits.max_new_tokens, value=8, step=1, label="New tokens")
             t_button = gr.Button("Complete", variant="primary")
             t_out = gr.Textbox(label="Completion")
-            t_button.click(complete, [t_text, t_tokens], t_out, api_name="complete")
+            t_note = gr.Markdown(elem_id="complete-note")
+            t_button.click(complete, [t_text, t_tokens], [t_out, t_note], api_name="complete")
             gr.Examples([["a picture of a"], ["a drawing of a small"]], [t_text])
     demo.queue(max_size=limits.queue_size, default_concurrency_limit=limits.concurrency)
     return demo

@@ -22,6 +22,7 @@ from encoders.tokenizer import Tokenizer
 from . import lora
 from .config import AdapterConfig, FoundationConfig, merge_dicts
 from .files import CARD_NAME, CONFIG_NAME, DECODER_DIR, PICKLE_SUFFIXES, WEIGHTS_NAME
+from .knowledge import VOCABULARY_NAME, load_vocabulary, save_vocabulary
 from .language import LanguageHead
 
 # What ``forward`` can compute, by the loss that consumes it.
@@ -43,6 +44,8 @@ class FoundationModel(nn.Module):
         )
         self.tokenizer = Tokenizer(config.text.context_length)
         self.adapter: AdapterConfig | None = None  # set while a LoRA adapter is injected (multimodal.lora)
+        # token ids of the training captions (multimodal.knowledge); None: unknown
+        self.vocabulary: frozenset[int] | None = None
         self.register_buffer("pixel_mean", torch.tensor(config.image.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.image.std).view(1, -1, 1, 1), persistent=False)
         self.objective = DDPMObjective(config.decoder) if config.decoder is not None else None
@@ -219,6 +222,10 @@ class FoundationModel(nn.Module):
 
             model_card = default_card(self.config)
         (directory / CARD_NAME).write_text(model_card)
+        if self.vocabulary is not None:
+            save_vocabulary(directory, self.vocabulary)
+        else:  # a vocabulary left by an earlier model in this folder would not describe this one
+            (directory / VOCABULARY_NAME).unlink(missing_ok=True)
         if self.decoder is not None:  # also in diffusers' own format, for diffusers users
             self.decoder.save_diffusers(directory / DECODER_DIR, dtype=dtype)
         return directory
@@ -250,6 +257,7 @@ class FoundationModel(nn.Module):
                 f"unexpected: {show(unexpected) or 'none'})"
             )
         model.load_state_dict(state, strict=True)
+        model.vocabulary = load_vocabulary(directory)
         return model.to(map_location).eval()
 
     # ---- LoRA adapters (multimodal.lora) ---------------------------------------------------------

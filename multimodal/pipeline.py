@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import math
 import warnings
 
 import numpy as np
@@ -18,7 +17,9 @@ from diffusion.decoder import TextCondition
 from diffusion.sampling import sample
 from diffusion.schedule import sampling_scheduler
 
+from .checks import MAX_GUIDANCE, OUTPUT_TYPES, check_generation_inputs, texts_arg  # noqa: F401
 from .config import SCHEDULER_NAMES, GenerationArgs
+from .knowledge import UnseenWordsWarning, check_trained, unseen_message, unseen_words
 from .language import generate_tokens
 from .losses import token_log_likelihood
 from .model import FoundationModel
@@ -33,14 +34,20 @@ from .zero_shot import prototypes, zero_shot_weights
 class GenerationOutput:
     """``images``: list of PIL images, a numpy array [N, S, S, C] in [0, 1], or a tensor
     [N, C, S, S] in [0, 1], by ``output_type``; ``flagged``: per image, whether the output
-    checker flagged it (flagged images are blacked out); None without a checker."""
+    checker flagged it (flagged images are blacked out); None without a checker;
+    ``unseen_words``: prompt words the model never saw in training (its output for them is a guess)."""
 
     images: list[Image.Image] | np.ndarray | torch.Tensor
     flagged: list[bool] | None = None
+    unseen_words: list[str] = field(default_factory=list)
 
 
-OUTPUT_TYPES = ("pil", "np", "pt")
-MAX_GUIDANCE = 100.0
+class Completions(list):
+    """``complete``'s texts (a list of str) with ``unseen_words``: prompt words the model never saw."""
+
+    unseen_words: list[str]
+
+
 
 class FoundationPipeline:
     """Args:
@@ -52,18 +59,30 @@ class FoundationPipeline:
         output_checker: a callable over generated images [N, C, S, S] in [0, 1] returning one
             bool per image; flagged images are blacked out and reported in ``flagged``.
     Generating with neither warns once per pipeline.
+        allow_untrained: run components the model's training record says were never trained
+            (with a warning) instead of refusing them (``multimodal.knowledge``).
     """
 
     def __init__(
         self, model: FoundationModel, scheduler: str | None = None,
         prompt_filter: PromptFilter | None = None, output_checker: OutputChecker | None = None,
+        allow_untrained: bool = False,
     ):
         self.model = model.eval()
+        self.allow_untrained = allow_untrained
         if scheduler is not None and scheduler not in SCHEDULER_NAMES:
             raise ValueError(f"scheduler must be one of {', '.join(SCHEDULER_NAMES)}, got {scheduler!r}")
         self.scheduler = scheduler or model.config.sampling.scheduler
         self.prompt_filter, self.output_checker = compile_prompt_filter(prompt_filter), output_checker
         self._warned_unfiltered = False
+
+    def _require(self, *components: str) -> None:
+        check_trained(self.model.config, components, self.allow_untrained)
+
+    def unseen_words(self, texts: str | Sequence[str]) -> list[str]:
+        """Words of ``texts`` with a token the model never saw in its training captions (empty
+        when the model's vocabulary is unknown)."""
+        return unseen_words(self.model.tokenizer, self.model.vocabulary, texts)
 
     def check_prompts(self, prompts: Sequence[str]) -> None:
         """Raise ``PromptBlocked`` naming the filter (and its reason) for a refused prompt."""
@@ -104,47 +123,20 @@ class FoundationPipeline:
             decoder, sampling_scheduler(scheduler or self.scheduler, decoder.config), cond, uncond, generators,
             steps, guidance, show_progress, callback_on_step_end,
         )
-        return self.postprocess(images, output_type)
+        output = self.postprocess(images, output_type)
+        output.unseen_words = self.unseen_words(prompts)
+        return output
 
     def check_inputs(
         self, prompt: Any, negative_prompt: Any, steps: int, guidance: float, per_prompt: int,
         generator: Any, output_type: str, height: int | None, width: int | None,
     ) -> tuple[list[str], list[str], list[torch.Generator | None]]:
         """Every argument checked before any work: (prompts, negative prompts, one generator per image)."""
-        decoder = self.model.decoder
-        if decoder is None:
+        if self.model.decoder is None:
             raise ValueError("this model has no diffusion decoder (config.decoder is None)")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt must be a non-empty string or list of strings")
-        most = decoder.config.num_train_timesteps - 1  # multistep solvers (dpm++, unipc) break at the schedule's length
-        if not _is_int(steps) or not 1 <= steps <= most:
-            raise ValueError(f"num_inference_steps must be an integer in [1, {most}], got {steps!r}")
-        if not _is_number(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
-            raise ValueError(f"guidance_scale must be a number in [0, {MAX_GUIDANCE:g}], got {guidance!r}")
-        if not _is_int(per_prompt) or per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {per_prompt!r}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        size = decoder.config.image_size
-        for name, value in (("height", height), ("width", width)):
-            if value is not None and value != size:
-                raise ValueError(f"{name} must be {size} (the decoder's image_size), got {value}")
-        if negative_prompt is None or isinstance(negative_prompt, str):
-            negatives = [negative_prompt or ""] * len(prompts)  # default: the empty prompt
-        else:
-            negatives = list(negative_prompt)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"negative_prompt must be a string or a list as long as prompt ({len(prompts)}), got {len(negatives)}")
-        n = len(prompts) * per_prompt
-        if isinstance(generator, (list, tuple)):
-            if len(generator) != n:
-                raise ValueError(f"generator list must have one generator per image ({n}), got {len(generator)}")
-            generators = list(generator)
-        else:
-            generators = [generator] * n
-        if not all(g is None or isinstance(g, torch.Generator) for g in generators):
-            raise ValueError(f"generator must be a torch.Generator, a list of them (one per image) or None, got {generator!r}")
+        self._require("text", "decoder")
+        prompts, negatives, generators = check_generation_inputs(
+            self.model.decoder.config, prompt, negative_prompt, steps, guidance, per_prompt, generator, output_type, height, width)
         self.check_prompts(prompts)
         if self.prompt_filter is None and self.output_checker is None and not self._warned_unfiltered:
             self._warned_unfiltered = True
@@ -185,7 +177,7 @@ class FoundationPipeline:
     @classmethod
     def from_pretrained(
         cls, directory: str | Path, device: str | torch.device = "cpu", scheduler: str | None = None,
-        dtype: torch.dtype | None = None, adapter: str | Path | None = None,
+        dtype: torch.dtype | None = None, adapter: str | Path | None = None, allow_untrained: bool = False,
     ) -> "FoundationPipeline":
         """Load a ``save_pretrained`` folder (safetensors only: pickle files are refused) onto
         ``device``, optionally in ``dtype`` (e.g. ``torch.bfloat16`` on GPUs). ``directory`` may
@@ -200,7 +192,7 @@ class FoundationPipeline:
         model = FoundationModel.from_pretrained(directory)
         if adapter is not None:
             model.load_adapter(adapter)
-        return cls(model, scheduler).to(device, dtype)
+        return cls(model, scheduler, allow_untrained=allow_untrained).to(device, dtype)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (+ the decoder in diffusers' format)."""
@@ -259,12 +251,14 @@ class FoundationPipeline:
     @torch.no_grad()
     def embed_text(self, texts: str | Sequence[str]) -> torch.Tensor:
         """L2-normalized text embeddings [B, E] in the shared space."""
-        texts = _texts(texts)
+        texts = texts_arg(texts)
+        self._require("text")
         return self.model.encode_text(texts).float()
 
     @torch.no_grad()
     def embed_image(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
         """L2-normalized image embeddings [B, E] in the shared space."""
+        self._require("image")
         return self.model.encode_image(self._pixels(images)).float()
 
     @torch.no_grad()
@@ -275,6 +269,9 @@ class FoundationPipeline:
         over ``templates`` (a prompt ensemble, e.g. ``("a {}", "a picture of a {}")``)."""
         if isinstance(labels, str) or not labels or not all(isinstance(x, str) for x in labels):
             raise ValueError(f"labels must be a non-empty list of strings, got {labels!r}")
+        self._require("text", "image")
+        if unseen := self.unseen_words([t.format(label) for t in templates for label in labels]):
+            warnings.warn(unseen_message(unseen), UnseenWordsWarning, stacklevel=2)
         classes = zero_shot_weights(self.model, class_prompts(labels, templates))
         logits = self.model.encoders.logit_scale.exp() * self.embed_image(images) @ classes.T
         return logits.softmax(dim=-1)
@@ -291,9 +288,10 @@ class FoundationPipeline:
         return self.embed_image(images).float().cpu() @ protos.T
 
     # ---- language head ---------------------------------------------------------------------
-    def _language(self) -> FoundationModel:
+    def _language(self, *inputs: str) -> FoundationModel:
         if self.model.language is None:
             raise ValueError("this model has no language head (config.language is None)")
+        self._require(*inputs, "language")
         return self.model
 
     def _generate(
@@ -320,7 +318,7 @@ class FoundationPipeline:
         ``do_sample=True`` and ``temperature`` / ``top_k`` / ``top_p`` (seeded by ``generator``),
         ``min_new_tokens``, ``use_cache=False`` for the reference path without the KV cache."""
         args = GenerationArgs(**options)
-        self._language()
+        self._language("image")
         states = self.model.image_tokens(self._pixels(images))  # [B, 1 + N, Wi]
         return self._generate([[self.model.tokenizer.sot_token_id]] * states.shape[0], states, args, generator)
 
@@ -335,8 +333,8 @@ class FoundationPipeline:
         """Each text continued (returned whole: prompt + continuation); text-only, or about
         ``images`` (one per text) when given. ``options`` as for ``caption``."""
         args = GenerationArgs(**options)
-        texts = _texts(texts)  # (images alone: caption())
-        self._language()
+        texts = texts_arg(texts)  # (images alone: caption())
+        self._language("text", *(["image"] if images is not None else []))
         states = None
         if images is not None:
             states = self.model.image_tokens(self._pixels(images))
@@ -349,7 +347,9 @@ class FoundationPipeline:
             raise ValueError(f"texts: {too_long[0][:60]!r} is longer than the model's context ({room} tokens): shorten it")
         prompts = [self._prompt_ids(t) for t in texts]
         new = self._generate(prompts, states, args, generator)
-        return [f"{t} {n}".strip() if n else t for t, n in zip(texts, new)]
+        out = Completions(f"{t} {n}".strip() if n else t for t, n in zip(texts, new))
+        out.unseen_words = self.unseen_words(texts)
+        return out
 
     def _prompt_ids(self, text: str) -> list[int]:
         """Start-of-text + the text's tokens, without end-of-text (so it can go on)."""
@@ -361,8 +361,8 @@ class FoundationPipeline:
         """Log-likelihood [T] of each text (its tokens and end-of-text) given ``image``, or
         text-only with ``image=None``. argmax over class prompts is a second zero-shot
         classifier, next to ``classify``."""
-        texts = _texts(texts)
-        model = self._language()
+        texts = texts_arg(texts)
+        model = self._language("text", *(["image"] if image is not None else []))
         tokens = model.tokenize(texts)  # [T, L]
         states = None
         if image is not None:
@@ -380,19 +380,3 @@ class FoundationPipeline:
         sims = (self.embed_image(images) @ self.embed_text(query).T).squeeze(1)
         values, indices = sims.topk(min(top_k, sims.numel()))
         return [(int(i), float(v)) for i, v in zip(indices, values)]
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _texts(texts: Any) -> list[str]:
-    """A string or a non-empty list of strings, as a list; an error names the argument."""
-    texts = [texts] if isinstance(texts, str) else list(texts) if isinstance(texts, (list, tuple)) else None
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise ValueError("texts must be a string or a non-empty list of strings")
-    return texts

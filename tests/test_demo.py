@@ -24,7 +24,10 @@ LIMITS = DemoLimits(max_steps=4, max_images=2, max_file_size="100kb")
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
-    FoundationModel(FoundationConfig.from_preset("tiny")).save_pretrained(folder)
+    model = FoundationModel(FoundationConfig.from_preset("tiny"))
+    known = "a picture of a red circle blue square green triangle shape large"
+    model.vocabulary = frozenset(model.tokenize(known).flatten().tolist())  # as if trained on these words
+    model.save_pretrained(folder)
     app = launch(folder, port=None, limits=LIMITS, prevent_thread_lock=True, quiet=True)
     yield app
     app.close()
@@ -41,12 +44,14 @@ def _open(path: str) -> Image.Image:
 
 
 def test_every_tab_answers_through_the_api(client):
-    images = client.predict("a red circle", "", 2, 3.0, 7, "ddim", 2, api_name="/generate")
+    images, note = client.predict("a red circle", "", 2, 3.0, 7, "ddim", 2, api_name="/generate")
+    assert note == ""  # every word known
     assert len(images) == 2 and [item["caption"] for item in images] == ["seed 7", "seed 8"]
     assert _open(images[0]["image"]).size == (192, 192)
 
     example = gradio_client.handle_file(str(example_images()[0]))
-    probs = client.predict(example, "red circle, blue square, green triangle", api_name="/classify")
+    probs, note = client.predict(example, "red circle, blue square, green triangle", api_name="/classify")
+    assert note == ""
     confidences = {c["label"]: c["confidence"] for c in probs["confidences"]}
     assert set(confidences) == {"red circle", "blue square", "green triangle"}
     assert abs(sum(confidences.values()) - 1) < 1e-4
@@ -57,8 +62,15 @@ def test_every_tab_answers_through_the_api(client):
 
     caption = client.predict(example, 1, api_name="/caption")
     assert isinstance(caption, str)
-    completion = client.predict("a picture of a", 3, api_name="/complete")
-    assert isinstance(completion, str) and completion.startswith("a picture of a")
+    completion, note = client.predict("a picture of a", 3, api_name="/complete")
+    assert isinstance(completion, str) and completion.startswith("a picture of a") and note == ""
+
+
+def test_words_the_model_never_saw_get_a_note_under_the_result(client):
+    _, note = client.predict("a cat on a red circle", "", 1, 3.0, 0, "ddim", 1, api_name="/generate")
+    assert "never saw 'cat', 'on'" in note
+    _, note = client.predict("a zebra", 2, api_name="/complete")
+    assert "'zebra'" in note
 
 
 def test_out_of_range_input_is_refused_with_a_message(client):

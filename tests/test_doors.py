@@ -58,7 +58,7 @@ def test_api_cli_and_demo_give_the_same_image(model_dir, tmp_path):
     try:
         client = gradio_client.Client(app.local_url, verbose=False)
         # only prompt, seed and count given: steps, guidance and scheduler are the page's defaults
-        images = client.predict(prompt="a red circle", seed=5, num_images=1, api_name="/generate")
+        images, _ = client.predict(prompt="a red circle", seed=5, num_images=1, api_name="/generate")
     finally:
         app.close()
     shown = _pixels(images[0]["image"])  # enlarged 6x with nearest-neighbour for the page

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from multimodal import FoundationConfig, FoundationModel
 from multimodal.losses import FoundationLoss, caption_loss, contrastive_loss, denoising_loss, token_log_likelihood
-from train.module import FoundationModule, no_weight_decay
+from train.module import FoundationModule
+from train.optim import no_weight_decay
 
 CAPTIONS = ["a red circle", "a small blue square at the top left", "a green triangle", "a large yellow diamond"]
 

@@ -86,52 +86,68 @@ class FitReport(Callback):
 
 class ExportModel(Callback):
     """At the end of ``fit``: write the trained weights (the EMA decoder's) as a
-    ``save_pretrained`` folder ``model/`` in the run folder and, if ``export_to`` is set, there
-    too (a stable path for the next stage's ``init_from``), each with a model card listing the
-    final metrics and the command that reproduces them. A LoRA run writes its adapter alone.
-    Under FSDP every rank takes part in gathering the full weights; rank 0 writes them."""
+    ``save_pretrained`` folder ``model/`` in the run folder (one per run, never overwritten)
+    with its training record, caption vocabulary and a model card listing the final metrics
+    and the command that reproduces them. A LoRA run writes its adapter alone. ``export_to``
+    (e.g. ``runs/align/model``) becomes a link to the newest run's folder, a stable path for the
+    next stage's ``init_from``; a real folder there is left alone. Under FSDP every rank takes
+    part in gathering the full weights; rank 0 writes them."""
 
     def __init__(self, export_to: str | None = None):
         self.export_to = export_to
 
-    def targets(self, out_dir: Path) -> list[Path]:
-        return [out_dir / "model"] + ([Path(self.export_to)] if self.export_to else [])
-
     @torch.no_grad()
     def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         out_dir = Path(trainer.log_dir or ".")  # a collective call (broadcast): every rank makes it
+        from multimodal.card import describe_data, lora_summary, model_card
+
+        dm = trainer.datamodule
+        record, vocabulary = pl_module.knowledge({"source": getattr(dm, "source", None), "path": getattr(dm, "path", None)})  # all ranks
         if isinstance(trainer.strategy, FSDPStrategy):
-            self._export_sharded(trainer, pl_module, out_dir)
+            self._export_sharded(trainer, pl_module, out_dir / "model", record, vocabulary)
             return
         metrics = _final(trainer, pl_module)
         if metrics is None:
             return
-        from multimodal.card import describe_data, lora_summary, model_card
-
-        model, hp = pl_module.model, pl_module.hparams
+        model, hp, target = pl_module.model, pl_module.hparams, out_dir / "model"
+        model.config.training, model.vocabulary = record, vocabulary
         with pl_module.ema_weights():
-            for target in self.targets(out_dir):
-                card = model_card(
-                    model.config, name=f"{trainer.logger.name if trainer.logger else 'model'} (step {trainer.global_step})",
-                    data=describe_data(trainer.datamodule), metrics=metrics,
-                    command=f"multimodal test --config {out_dir / 'config.yaml'} --model.init_from {target}" + (
-                        f" --model.overrides '{json.dumps(hp.overrides)}'"  # the open_clip architecture
-                        if str(hp.init_from or "").startswith(OPEN_CLIP_PREFIX) else ""),
-                    training=(f"`multimodal fit` stage `{hp.stage}`, preset `{hp.preset}`, {trainer.global_step} steps; "
-                              f"the run's resolved config is `{out_dir / 'config.yaml'}`. "
-                              + (" Metrics are on the held-out validation split, with the EMA decoder." if metrics else "")
-                              + (lora_summary(model.adapter, pl_module.base_model) if model.adapter else "")),
-                )
-                if model.adapter is not None:  # the adapter alone, with its base's name and hash
-                    model.save_adapter(target, card=card)
-                    print(f"saved the LoRA adapter to {target} (base: {pl_module.base_model}; "
-                          "FoundationPipeline.from_pretrained loads both)", flush=True)
-                else:
-                    model.save_pretrained(target, model_card=card)
-                    print(f"saved model to {target} (FoundationPipeline.from_pretrained)", flush=True)
+            card = model_card(
+                model.config, name=f"{trainer.logger.name if trainer.logger else 'model'} (step {trainer.global_step})",
+                data=describe_data(trainer.datamodule), metrics=metrics,
+                command=f"multimodal test --config {out_dir / 'config.yaml'} --model.init_from {target}" + (
+                    f" --model.overrides '{json.dumps(hp.overrides)}'"  # the open_clip architecture
+                    if str(hp.init_from or "").startswith(OPEN_CLIP_PREFIX) else ""),
+                training=(f"`multimodal fit` stage `{hp.stage}`, preset `{hp.preset}`, {trainer.global_step} steps; "
+                          f"the run's resolved config is `{out_dir / 'config.yaml'}`. "
+                          + (" Metrics are on the held-out validation split, with the EMA decoder." if metrics else "")
+                          + (lora_summary(model.adapter, pl_module.base_model) if model.adapter else "")),
+            )
+            if model.adapter is not None:  # the adapter alone, with its base's name and hash
+                model.save_adapter(target, card=card)
+                print(f"saved the LoRA adapter to {target} (base: {pl_module.base_model}; "
+                      "FoundationPipeline.from_pretrained loads both)", flush=True)
+            else:
+                model.save_pretrained(target, model_card=card)
+                print(f"saved model to {target} (FoundationPipeline.from_pretrained)", flush=True)
+        self._link(target)
         pl_module.end_evaluation()  # the final features are not needed any more
 
-    def _export_sharded(self, trainer: L.Trainer, pl_module: Any, out_dir: Path) -> None:
+    def _link(self, target: Path) -> None:
+        """Point ``export_to`` at ``target`` (replacing only an earlier link)."""
+        if not self.export_to:
+            return
+        link = Path(self.export_to)
+        if link.exists() and not link.is_symlink():
+            print(f"{link} is a folder of its own (not a link from an earlier run): left as it is; this run's model is {target}", flush=True)
+            return
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(target.resolve(), target_is_directory=True)
+        print(f"{link} -> {target}", flush=True)
+
+    def _export_sharded(self, trainer: L.Trainer, pl_module: Any, target: Path, record: Any, vocabulary: Any) -> None:
         state = trainer.strategy.lightning_module_state_dict()
         if not trainer.is_global_zero:
             return
@@ -139,6 +155,7 @@ class ExportModel(Callback):
 
         model = FoundationModel(pl_module.model.config)
         model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-        for target in self.targets(out_dir):
-            model.save_pretrained(target)
-            print(f"saved model to {target} (gathered from the FSDP shards)", flush=True)
+        model.config.training, model.vocabulary = record, vocabulary
+        model.save_pretrained(target)
+        print(f"saved model to {target} (gathered from the FSDP shards)", flush=True)
+        self._link(target)

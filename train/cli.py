@@ -5,6 +5,7 @@ from __future__ import annotations
 from lightning.pytorch.cli import LightningCLI
 
 from .data import FoundationDataModule
+from .data_checks import check_trainable
 from .evaluation import default_evaluators, evaluators_of
 from .module import FoundationModule
 from .precision import default_precision
@@ -18,6 +19,10 @@ class FoundationCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # bf16-mixed by default only where it is faster; a config or --trainer.precision wins.
         parser.set_defaults({"trainer.precision": default_precision()})
+
+    def before_fit(self) -> None:
+        """Refuse data that cannot train before the first step, while nothing is written yet."""
+        check_trainable(self.datamodule, self.model.model.config.image.image_size, self.trainer.world_size)
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)

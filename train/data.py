@@ -98,7 +98,8 @@ class FoundationDataModule(L.LightningDataModule):
             the ``webdataset`` validation set (read once into memory).
         class_folders / zero_shot_templates: ``folder``: each validation image's class is the
             subfolder it sits in (``_`` read as a space), so validation also reports zero-shot
-            accuracy over those classes, with this prompt ensemble.
+            accuracy over those classes, with this prompt ensemble. None (default): so when the
+            validation images sit in at least two subfolders; True: required.
     """
 
     def __init__(
@@ -123,7 +124,7 @@ class FoundationDataModule(L.LightningDataModule):
         val_size: int = 240,
         val_fraction: float = 0.1,
         seed: int = 0,
-        class_folders: bool = False,
+        class_folders: bool | None = None,
         zero_shot_templates: list[str] | None = None,
     ):
         super().__init__()
@@ -148,9 +149,10 @@ class FoundationDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.val_captions: list[str] = []
-        if class_folders and source != "folder":
+        if class_folders is True and source != "folder":
             raise ValueError(f"data.class_folders works with source 'folder', not {source!r}")
         self.classes: list[str] | None = shapes.class_names() if source == "shapes" else None  # set up for class folders
+        self.class_dirs: list[str] | None = None
         self.templates = check_templates(zero_shot_templates or DEFAULT_TEMPLATES, "data.zero_shot_templates")
 
     def split_info(self) -> SplitInfo:
@@ -203,14 +205,15 @@ class FoundationDataModule(L.LightningDataModule):
             train, val = [records[i] for i in sorted(train_idx)], [records[i] for i in sorted(val_idx)]
         val_texts = [folder_caption(c) for _, c in val if not isinstance(c, BadSample)]
         labels = None
-        if self.hparams.class_folders:
-            root = Path(self.val_path or self.path)
-            folders = [p.parent.name if p is not None and p.parent != root else None for p, _ in val]
-            self.classes = sorted({f for f in folders if f is not None})
-            if len(self.classes) < 2:
-                raise ValueError(f"data.class_folders: the validation images of {root} need at least two class subfolders")
-            labels = [self.classes.index(f) if f is not None else -1 for f in folders]
-            self.classes = [c.replace("_", " ") for c in self.classes]
+        root = Path(self.val_path or self.path)
+        folders = [p.parent.name if p is not None and p.parent != root else None for p, _ in val]
+        classes = sorted({f for f in folders if f is not None})
+        if self.hparams.class_folders is True and len(classes) < 2:
+            raise ValueError(f"data.class_folders: the validation images of {root} need at least two class subfolders")
+        if self.hparams.class_folders is not False and len(classes) >= 2:
+            self.class_dirs = classes  # the subfolder names (classes: as the prompts say them)
+            labels = [classes.index(f) if f is not None else -1 for f in folders]
+            self.classes = [c.replace("_", " ") for c in classes]
         self.train_set = FolderDataset(train, self._reader(True))
         self.val_set = FolderDataset(val, self._reader(False, self._val_groups(val_texts)), labels)
 

@@ -6,45 +6,29 @@ evaluators (``train.evaluation``)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import math
-import random
+import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from diffusers.training_utils import EMAModel
 from lightning.pytorch.utilities import rank_zero_info
-from torch import nn
 
 from multimodal import lora as lora_utils
-from multimodal.config import COMPONENTS, AdapterConfig, FoundationConfig, stage_config
+from multimodal.config import COMPONENTS, AdapterConfig, FoundationConfig, TrainingRecord, stage_config
 from multimodal.losses import FoundationLoss
 from multimodal.model import FoundationModel
 
 from .data import DROPPED, FIXED, SKIPPED
 from .evaluation import SplitInfo, ValidationData
-from .init import add_training_adapter, init_source, load_matching_weights, with_encoder_fields
-
-# Parameters without weight decay besides biases and norms (ndim < 2): embedding tables and the
-# encoders' embedding parameters, by their own (last) name; a Linear inside e.g. the UNet's
-# ``time_embedding`` is an ordinary weight and is decayed.
-_NO_DECAY_LEAF_NAMES = ("positional_embedding", "class_embedding", "logit_scale")
-
-
-def no_weight_decay(model: nn.Module) -> set[str]:
-    """Names of ``model``'s parameters that get no weight decay."""
-    names = set()
-    for module_name, module in model.named_modules():
-        for leaf, param in module.named_parameters(recurse=False):
-            full = f"{module_name}.{leaf}" if module_name else leaf
-            if param.ndim < 2 or isinstance(module, nn.Embedding) or leaf in _NO_DECAY_LEAF_NAMES:
-                names.add(full)
-    return names
-
+from .init import OPEN_CLIP_PREFIX, add_training_adapter, init_source, load_matching_weights, with_encoder_fields
+from .optim import adamw_cosine
+from .record import base_knowledge, components_trained, extend_record, rng_states, set_rng_states
 
 class FoundationModule(L.LightningModule):
     """Args:
@@ -72,6 +56,8 @@ class FoundationModule(L.LightningModule):
         lr_multipliers: per-component learning-rate factors, e.g. ``{text: 0.1, decoder: 1.0}``
             (components ``text``, ``image``, ``decoder``, ``language``; ``logit_scale`` too).
         warmup_steps, min_lr_ratio: linear warmup, then cosine decay to ``lr * min_lr_ratio``.
+        data_report_every: print the used / skipped / fixed sample counts at most this often
+            (seconds; summed over the epochs in between; logged as ``data/<kind>`` every epoch).
     """
 
     def __init__(
@@ -93,6 +79,7 @@ class FoundationModule(L.LightningModule):
         diffusion_batch_size: int | None = None,
         diffusion_text_grad: bool = True,
         lora: AdapterConfig | None = None,
+        data_report_every: float = 60.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -140,8 +127,18 @@ class FoundationModule(L.LightningModule):
         decoder_trains = self.stage.uses("diffusion") and "decoder" not in self.frozen and self.model.adapter is None
         self.ema = (EMAModel(self.model.decoder.parameters(), decay=config.decoder.ema_decay)
                     if decoder_trains and config.decoder.ema_decay > 0 else None)
+        # what the model will know: the starting point's record and vocabulary, plus this run's
+        weights = init_from is not None and (Path(init_from).is_file() or init_from.removeprefix(OPEN_CLIP_PREFIX).count(":") > 0)
+        self.base_record, base_vocab, self.vocabulary_known = base_knowledge(self.base_model, weights)
+        present = [c for c, m in lora_utils.components(self.model).items() if m is not None]
+        trains = [c for c in COMPONENTS if parts[c] is not None and any(p.requires_grad for p in parts[c].parameters())]
+        self.trains = components_trained(self.stage, [c for c in COMPONENTS if c not in trains], present, diffusion_text_grad)
+        seen = torch.zeros(self.model.tokenizer.vocab_size, dtype=torch.bool)
+        seen[list(base_vocab or [])] = True
+        self.register_buffer("seen_tokens", seen)  # in checkpoints: a resumed run keeps its vocabulary
         self.skipped_steps = 0
         self.data_issues: Counter = Counter()  # this epoch's skipped / fixed samples, by kind
+        self._report, self._report_epochs, self._last_report = Counter(), [], -math.inf  # printed data counts
         self.samples_seen = 0
         self._val_outputs: list[dict[str, torch.Tensor]] = []
         self._val_data: ValidationData | None = None
@@ -181,6 +178,7 @@ class FoundationModule(L.LightningModule):
             return None
         self.samples_seen += bs
         self.data_issues["truncated_caption"] += sum(self.model.tokenizer.overflows(batch["caption"]))
+        self.seen_tokens[self.model.tokenize(batch["caption"]).flatten().to(self.seen_tokens.device)] = True
         out = self.model(batch, heads=self.loss.heads, denoise_batch=self.hparams.diffusion_batch_size,
                          denoise_text_grad=self.hparams.diffusion_text_grad)
         losses = self.loss(out)
@@ -237,6 +235,19 @@ class FoundationModule(L.LightningModule):
         if self.ema is not None:
             self.ema.step(self.model.decoder.parameters())
 
+    def knowledge(self, data: dict[str, Any], steps: int | None = None) -> tuple[Any, frozenset[int] | None]:
+        """The training record (the starting point's plus this run's steps on ``data``: source and path) and the
+        caption vocabulary (None: unknown) the exported model carries. All ranks call it."""
+        seen = self.seen_tokens
+        if self._trainer is not None and self.trainer.world_size > 1:
+            seen = self.trainer.strategy.reduce(seen.float(), reduce_op="sum") > 0
+        steps = int(self.global_step if steps is None else steps)
+        run = {"stage": self.hparams.stage, "steps": steps, "trained": self.trains, "data": data,
+               **({"init_from": str(self.hparams.init_from)} if self.hparams.init_from else {})}
+        record = extend_record(self.base_record, self.trains, steps, run)
+        vocabulary = frozenset(seen.nonzero().flatten().tolist()) if self.vocabulary_known else None
+        return record, vocabulary
+
     # ---- EMA of the decoder ----------------------------------------------------------------------
     def on_fit_start(self) -> None:
         if self.ema is not None:
@@ -257,69 +268,57 @@ class FoundationModule(L.LightningModule):
             self.ema.restore(params)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # what the starting point knew (an export from this checkpoint alone needs it)
+        checkpoint["training_base"] = {"record": json.dumps(asdict(self.base_record)) if self.base_record else None,
+                                       "vocabulary_known": self.vocabulary_known}
         if self.ema is not None:
             checkpoint["decoder_ema"] = self.ema.state_dict()
         # the random streams of noise, timesteps and dropout, so that a resumed run continues them
         # (tensors, ints and tuples only: the checkpoint stays loadable with weights_only=True)
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        checkpoint["rng_states"] = {
-            "torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
-            **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
-        }
+        checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"].setdefault("seen_tokens", self.seen_tokens.clone())  # checkpoints from before records
+        base = checkpoint.get("training_base")
+        if base is not None:
+            self.base_record = TrainingRecord(**json.loads(base["record"])) if base["record"] else None
+            self.vocabulary_known = bool(base["vocabulary_known"])
         if self.ema is not None and "decoder_ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["decoder_ema"])
-        rng = checkpoint.get("rng_states")
-        if rng is not None:
-            torch.set_rng_state(rng["torch"])
-            kind, keys, pos, has_gauss, gauss = rng["numpy"]
-            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-            random.setstate(tuple(rng["python"]))
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+        if checkpoint.get("rng_states") is not None:
+            set_rng_states(checkpoint["rng_states"])
 
     def on_train_epoch_end(self) -> None:
-        """Log and print how many samples were used, skipped and fixed this epoch (all ranks)."""
+        """Log how many samples were used, skipped and fixed this epoch (all ranks); print the
+        sums at most every ``data_report_every`` seconds (small data runs many epochs a minute)."""
         kinds = ("used",) + SKIPPED + FIXED + DROPPED
         counts = torch.tensor([self.samples_seen] + [self.data_issues[k] for k in kinds[1:]], dtype=torch.float64)
         if self.trainer.world_size > 1:
             counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
         totals = dict(zip(kinds, (int(c) for c in counts)))
         self.log_dict({f"data/{k}": float(v) for k, v in totals.items()}, rank_zero_only=True)
-        skipped = ", ".join(f"{totals[k]} {k}" for k in SKIPPED + DROPPED if totals[k]) or "none"
-        fixed = ", ".join(f"{totals[k]} {k}" for k in FIXED if totals[k]) or "none"
-        rank_zero_info(f"data, epoch {self.current_epoch}: {totals['used']} samples used; skipped: {skipped}; fixed: {fixed}")
         self.data_issues.clear()
         self.samples_seen = 0
+        self._report.update(totals)
+        self._report_epochs.append(self.current_epoch)
+        if time.monotonic() - self._last_report >= self.hparams.data_report_every:
+            self.print_data_report()
+
+    def print_data_report(self) -> None:
+        if not self._report_epochs:
+            return
+        totals, epochs = self._report, self._report_epochs
+        skipped = ", ".join(f"{totals[k]} {k}" for k in SKIPPED + DROPPED if totals[k]) or "none"
+        fixed = ", ".join(f"{totals[k]} {k}" for k in FIXED if totals[k]) or "none"
+        span = f"epoch {epochs[0]}" if len(epochs) == 1 else f"epochs {epochs[0]}-{epochs[-1]}"
+        rank_zero_info(f"data, {span}: {totals['used']} samples used; skipped: {skipped}; fixed: {fixed}")
+        self._report, self._report_epochs, self._last_report = Counter(), [], time.monotonic()
+
+    def on_train_end(self) -> None:
+        self.print_data_report()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        multipliers = self.hparams.lr_multipliers or {}
-        no_decay = {f"model.{n}" for n in no_weight_decay(self.model)}
-        groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
-        for name, param in self.named_parameters():
-            if param.requires_grad:
-                groups.setdefault((_param_group(name), name not in no_decay), []).append(param)
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": params, "weight_decay": self.hparams.weight_decay if decay else 0.0,
-                 "lr": self.hparams.lr * multipliers.get(group, 1.0), "name": f"{group}{'' if decay else '_no_decay'}"}
-                for (group, decay), params in groups.items()
-            ],
-            lr=self.hparams.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps,
-        )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup, floor = min(self.hparams.warmup_steps, total), self.hparams.min_lr_ratio
-
-        def lr_lambda(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_cosine(self, self.hparams, int(self.trainer.estimated_stepping_batches))
 
     # ---- validation features for the evaluators -------------------------------------------------
     @torch.no_grad()
@@ -387,12 +386,3 @@ class FoundationModule(L.LightningModule):
         cpu = {k: v.cpu() for k, v in merged.items()}
         self._val_data = ValidationData(cpu["image"], cpu["text"], cpu["label"], cpu["group"], cpu.get("pixels"), info)
         return self._val_data
-
-
-def _param_group(name: str) -> str:
-    """The component a parameter belongs to (for ``lr_multipliers``)."""
-    for component, prefix in (("text", "model.encoders.text."), ("image", "model.encoders.image."),
-                              ("decoder", "model.decoder."), ("language", "model.language.")):
-        if name.startswith(prefix):
-            return component
-    return "logit_scale" if name.endswith("logit_scale") else "other"

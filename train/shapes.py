@@ -316,3 +316,9 @@ if __name__ == "__main__":  # python -m train.shapes --new-domain DIR
     args = parser.parse_args()
     for split, count, seed in (("train", 3840, 0), ("val", 240, 1)):
         print(f"wrote {write_new_domain(Path(args.new_domain) / split, count=count, seed=seed)}")
+
+
+def training_captions() -> list[str]:
+    """Every caption the training split can produce (all training combinations, templates and
+    attribute dropouts): the shipped model's training vocabulary comes from them."""
+    return sorted({describe(s, size, pos, t) for s in TRAIN_COMBOS for t in TEMPLATES for size in (True, False) for pos in (True, False)})

@@ -5,7 +5,6 @@ shapes data list them."""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,29 +12,13 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
 
 from multimodal.pipeline import FoundationPipeline
 
 from . import shapes
 from .evaluation import Evaluator
 from .grid import prediction_grid
-
-
-@torch.no_grad()
-def generate_fixed(model: Any, prompts: list[str], device: torch.device) -> torch.Tensor:
-    """Images [N, C, S, S] in [0, 1] with the model's recommended sampling settings, image i
-    seeded with i (comparable across validations, and with the API, CLI and demo)."""
-    with warnings.catch_warnings():  # evaluation prompts are ours: no filter needed
-        warnings.filterwarnings("ignore", message="generating without a prompt filter")
-        try:
-            out = FoundationPipeline(model)(prompts, output_type="pt", show_progress=False,
-                                            generator=[torch.Generator(device).manual_seed(i) for i in range(len(prompts))])
-        except FloatingPointError as err:  # an unstable decoder scores 0 (and training goes on) rather than stopping the run
-            rank_zero_warn(f"evaluation samples are not finite ({err}); scored as blank images")
-            size = model.config.decoder.image_size
-            return torch.zeros(len(prompts), model.config.decoder.channels, size, size)
-    return out.images
+from .report import generate_fixed
 
 
 class ShapesGeneration(Evaluator):

@@ -1,0 +1,99 @@
+"""What a model knows: which components were trained (``config.training``) and which words its
+training captions contained (``vocabulary.json``: the token ids seen). Inference refuses a
+component that was never trained, naming the command that trains it, and reports prompt words
+the model never saw, so that noise and guesses are never passed off as answers."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Iterable
+
+from .config import FoundationConfig
+
+VOCABULARY_NAME = "vocabulary.json"
+
+#: the shipped recipe that trains each component, starting from a model folder
+_ALL = "or all heads at once on your data: multimodal fit --config assets/configs/folder.yaml --data.path YOUR_DATA"
+TRAIN_COMMANDS = {
+    "text": f"multimodal fit --config assets/configs/align.yaml, {_ALL}",
+    "image": f"multimodal fit --config assets/configs/align.yaml, {_ALL}",
+    "decoder": f"multimodal fit --config assets/configs/decoder.yaml --model.init_from THIS_MODEL, {_ALL}",
+    "language": f"multimodal fit --config assets/configs/language.yaml --model.init_from THIS_MODEL, {_ALL}",
+}
+_PURPOSE = {"text": "the text encoder", "image": "the image encoder", "decoder": "the image decoder (generation)",
+            "language": "the language head (captions, completion)"}
+
+
+class UntrainedComponentError(ValueError):
+    """A component of the model was never trained (its record says 0 steps)."""
+
+
+class UnseenWordsWarning(UserWarning):
+    """Words of the input never occurred in the model's training captions."""
+
+
+class UntrainedComponentWarning(UserWarning):
+    """An untrained component was run anyway (``allow_untrained=True``): its output is noise."""
+
+
+def check_trained(config: FoundationConfig, components: Iterable[str], allow_untrained: bool = False) -> None:
+    """Raise ``UntrainedComponentError`` (or warn, with ``allow_untrained``) for each of
+    ``components`` the model's training record says was never trained; a model without a
+    record (unknown history) passes."""
+    record = config.training
+    if record is None:
+        return
+    for name in components:
+        if record.trained(name):
+            continue
+        message = (f"{_PURPOSE[name]} of this model was never trained (config.json training.steps.{name} = 0), "
+                   f"so its output would be noise. Train it: {TRAIN_COMMANDS[name]}")
+        if not allow_untrained:
+            raise UntrainedComponentError(message + " (or pass allow_untrained=True / --allow-untrained to run it anyway)")
+        warnings.warn(message, UntrainedComponentWarning, stacklevel=3)
+
+
+def trained_components(config: FoundationConfig) -> list[str]:
+    """The components the record says were trained (all present ones when there is no record)."""
+    present = ["text", "image"] + [c for c in ("decoder", "language") if getattr(config, c) is not None]
+    return present if config.training is None else [c for c in present if config.training.trained(c)]
+
+
+# ---- vocabulary ---------------------------------------------------------------------------------
+def save_vocabulary(directory: str | Path, token_ids: Iterable[int]) -> Path:
+    path = Path(directory) / VOCABULARY_NAME
+    ids = sorted({int(i) for i in token_ids})
+    path.write_text(json.dumps({"about": "token ids that occurred in this model's training captions", "token_ids": ids}) + "\n")
+    return path
+
+
+def load_vocabulary(directory: str | Path) -> frozenset[int] | None:
+    """The token ids seen in training, or None when the folder does not say (unknown)."""
+    path = Path(directory) / VOCABULARY_NAME
+    if not path.is_file():
+        return None
+    try:
+        ids = json.loads(path.read_text())["token_ids"]
+        return frozenset(int(i) for i in ids)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a vocabulary file ({err})") from None
+
+
+def unseen_words(tokenizer, vocabulary: frozenset[int] | None, texts: str | Iterable[str]) -> list[str]:
+    """The words of ``texts`` (in order, once each) with a token the model never saw in
+    training; empty when all were seen or when the vocabulary is unknown."""
+    if vocabulary is None:
+        return []
+    out: list[str] = []
+    for text in [texts] if isinstance(texts, str) else texts:
+        for word, ids in tokenizer.word_ids(text):
+            if any(ch.isalnum() for ch in word) and not set(ids) <= vocabulary and word not in out:
+                out.append(word)
+    return out
+
+
+def unseen_message(words: list[str]) -> str:
+    return (f"the model never saw {', '.join(repr(w) for w in words)} in its training captions: "
+            "what it makes of them is a guess")

@@ -1,0 +1,253 @@
+"""Evaluation for any data, during ``fit`` (the ``Captioning`` and ``Generation`` evaluators)
+and as ``multimodal evaluate --model DIR --data PATH [--out report/]``.
+
+What is measured, each with the features it used named beside it:
+
+- retrieval R@1/5/10 both ways over the split's unique captions; zero-shot accuracy where the
+  data has classes (class subfolders);
+- captions: greedy captions of the validation images against their reference captions, BLEU-4,
+  CIDEr-D and ROUGE-L (pycocoevalcap);
+- generation: one image per validation caption (seeded, the model's sampling settings), FID and
+  KID (torchmetrics) against the validation images on the model's own image-tower features (or
+  Inception-v3 from a local weights file), beside the real-vs-real floor (two halves of the
+  validation images) and the same scores for an untrained decoder; a CLIP-style score with the
+  model's own encoders; where the data has classes, the class of each generated image as read
+  by a scikit-learn classifier fitted on the real training pixels (which the model under test
+  did not shape), beside that classifier's accuracy on the real validation images.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from multimodal import scores
+from multimodal.knowledge import trained_components
+from multimodal.pipeline import FoundationPipeline
+
+from .evaluation import Evaluator, SplitInfo, ValidationData
+from .grid import text_grid
+from .metrics import retrieval_recall, zero_shot_accuracy
+
+MAX_CLASSIFIER_IMAGES = 5000  # real training images the pixel classifier is fitted on
+
+
+# ---- generating -----------------------------------------------------------------------------------
+@torch.no_grad()
+def generate_fixed(model: Any, prompts: list[str], device: torch.device, batch: int = 128) -> torch.Tensor:
+    """Images [N, C, S, S] in [0, 1] with the model's recommended sampling settings, image i
+    seeded with i (comparable across validations, and with the API, CLI and demo). Samples that
+    are not finite come back black with a warning: an unstable decoder scores badly instead of
+    stopping a run."""
+    pipe, out = FoundationPipeline(model, allow_untrained=True), []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        with warnings.catch_warnings():  # evaluation prompts are ours: no filter needed
+            warnings.filterwarnings("ignore", message="generating without a prompt filter")
+            try:
+                gens = [torch.Generator(device).manual_seed(start + i) for i in range(len(chunk))]
+                out.append(pipe(chunk, output_type="pt", show_progress=False, generator=gens).images)
+            except FloatingPointError as err:
+                warnings.warn(f"evaluation samples are not finite ({err}); scored as black images")
+                size = model.config.decoder.image_size
+                out.append(torch.zeros(len(chunk), model.config.decoder.channels, size, size))
+    return torch.cat(out)
+
+
+def untrained_decoder(model: Any) -> Any:
+    """A copy of ``model`` whose decoder is freshly initialized (seed 0): the baseline FID."""
+    from diffusion.decoder import Decoder
+
+    baseline = copy.deepcopy(model)
+    torch.manual_seed(0)
+    cfg = model.config
+    baseline.decoder = Decoder(cfg.decoder, cfg.text.width, cfg.embed_dim, cfg.attention_backend).to(model.pixel_mean.device)
+    return baseline.eval()
+
+
+# ---- the measurements -----------------------------------------------------------------------------
+def alignment_metrics(model: Any, data: ValidationData) -> dict[str, float]:
+    from multimodal.zero_shot import zero_shot_weights
+
+    metrics: dict[str, float] = {}
+    if len(data.groups) and not bool((data.groups < 0).any()):
+        text = torch.zeros(int(data.groups.max()) + 1, data.text_features.shape[1])
+        text[data.groups] = data.text_features
+        metrics.update(retrieval_recall(data.image_features, data.groups, text, ks=(1, 5, 10)))
+        metrics["retrieval_chance_R@1"] = 1 / len(text)
+    if data.info.class_prompts is not None and bool(data.labeled.any()):
+        weights = zero_shot_weights(model, data.info.class_prompts).float().cpu()
+        keep = data.labeled
+        metrics["zero_shot_acc"] = zero_shot_accuracy(data.image_features[keep], data.labels[keep], weights)
+        metrics["zero_shot_chance"] = 1 / len(data.info.class_prompts)
+    return metrics
+
+
+@torch.no_grad()
+def caption_metrics(model: Any, data: ValidationData, limit: int | None = None,
+                    max_new_tokens: int = 16) -> tuple[dict[str, float], list[str]]:
+    """Greedy captions of the validation images against their reference captions."""
+    captions = data.info.captions or []
+    n = len(data.groups) if limit is None else min(limit, len(data.groups))
+    if model.language is None or n == 0 or not captions:
+        return {}, []
+    pipe, made = FoundationPipeline(model, allow_untrained=True), []
+    for start in range(0, n, 64):
+        made += pipe.caption(list(data.images(torch.arange(start, min(start + 64, n)))), max_new_tokens=max_new_tokens)
+    references = [[captions[int(g)]] for g in data.groups[:n]]
+    return scores.caption_scores(made, references), made
+
+
+def class_reader(images: torch.Tensor, labels: torch.Tensor) -> scores.PixelClassifier | None:
+    """The pixel classifier of the real training images (None: fewer than two classes)."""
+    if len(labels) == 0 or len(torch.unique(labels)) < 2:
+        return None
+    return scores.PixelClassifier().fit(images, labels)
+
+
+@torch.no_grad()
+def generation_metrics(model: Any, data: ValidationData, reader: scores.PixelClassifier | None = None,
+                       features: torch.nn.Module | None = None, limit: int | None = None,
+                       baseline: bool = True) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """Generated images for the validation captions scored against the validation images:
+    (metrics, generated [n, C, S, S], real [n, C, S, S])."""
+    captions = data.info.captions or []
+    n = len(data.groups) if limit is None else min(limit, len(data.groups))
+    if model.decoder is None or n < 2 or not captions:
+        return {}, torch.empty(0), torch.empty(0)
+    device = model.pixel_mean.device
+    prompts = [captions[int(g)] for g in data.groups[:n]]
+    real = data.images(torch.arange(n))
+    fake = generate_fixed(model, prompts, device)
+    own = scores.ImageTowerFeatures(lambda x: model.encode_image(x.to(device)).float().cpu())
+    features = features or own
+    tag = "own" if features is own else "inception"
+    metrics = {f"{k}_{tag}": v for k, v in scores.fid_kid(real, fake, features).items()}
+    metrics.update({f"{k}_{tag}_real_floor": v for k, v in scores.real_floor(real, features).items()})
+    if baseline:
+        base = generate_fixed(untrained_decoder(model), prompts, device)
+        metrics.update({f"{k}_{tag}_untrained_decoder": v for k, v in scores.fid_kid(real, base, features).items()})
+    text = model.encode_text(prompts).float().cpu()
+    metrics["clip_score_own"] = scores.clip_style_score(own(fake), text)
+    metrics["clip_score_own_real"] = scores.clip_style_score(own(real), text)
+    labels = data.labels[:n]
+    if reader is not None and bool((labels >= 0).all()):
+        metrics["gen_class_acc"] = reader.accuracy(fake, labels)
+        metrics["real_val_class_acc"] = reader.accuracy(real, labels)
+    return metrics, fake, real
+
+
+# ---- evaluators for fit ---------------------------------------------------------------------------
+class Captioning(Evaluator):
+    """BLEU-4 / CIDEr-D / ROUGE-L of greedy captions of (at most ``num_images``) validation images."""
+
+    rank_zero_only = True
+    needs_pixels = True
+
+    def __init__(self, num_images: int = 128):
+        self.num_images = num_images
+
+    def evaluate(self, model, data, generator, out_dir):
+        return {f"caption_{k}": v for k, v in caption_metrics(model, data, self.num_images)[0].items()}
+
+
+class Generation(Evaluator):
+    """FID / KID on the model's own image features, CLIP-style score and (data with classes)
+    the class accuracy of images generated for (at most ``num_images``) validation captions."""
+
+    rank_zero_only = True
+    needs_pixels = True
+
+    def __init__(self, num_images: int = 128):
+        self.num_images = num_images
+        self.reader: scores.PixelClassifier | None = None
+        self.fitted = False
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if not self.fitted and trainer.is_global_zero and trainer.datamodule is not None:
+            self.reader = class_reader(*labeled_training_images(trainer.datamodule))
+            self.fitted = True
+
+    def evaluate(self, model, data, generator, out_dir):
+        metrics = generation_metrics(model, data, self.reader, limit=self.num_images, baseline=False)[0]
+        return {f"gen_{k}" if not k.startswith("gen_") else k: v for k, v in metrics.items()}
+
+
+def labeled_training_images(dm: Any, limit: int = MAX_CLASSIFIER_IMAGES) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real training images [n, 3, S, S] and their class (the validation classes, by subfolder)."""
+    records, names = getattr(getattr(dm, "train_set", None), "records", None), getattr(dm, "class_dirs", None)
+    if not records or not names or dm.source != "folder":
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    picked = [i for i, (path, _) in enumerate(records) if path is not None and path.parent.name in names]
+    step = max(1, len(picked) // limit)
+    images, labels = [], []
+    for i in picked[::step][:limit]:
+        item = dm.train_set[i]
+        if "bad" not in item:
+            images.append(item["image"])
+            labels.append(names.index(records[i][0].parent.name))
+    if not images:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return torch.stack(images), torch.tensor(labels)
+
+
+# ---- the report -----------------------------------------------------------------------------------
+FEATURES_NOTE = {
+    "own": "the evaluated model's own image tower (unit embeddings); comparable between runs of one model only",
+    "inception": "Inception-v3 pool features from the given weights file (comparable with published FIDs only at their image size and count)",
+}
+
+
+def write_report(out: Path, metrics: dict[str, float], about: dict[str, Any], data: ValidationData,
+                 made_captions: list[str], fake: torch.Tensor, real: torch.Tensor, top_captions: list[str]) -> list[Path]:
+    """``report.json``, ``report.md`` and the PNGs; returns the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps({"metrics": metrics, **about}, indent=2) + "\n")
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items())
+    notes = "\n".join(f"- `{k}`: {v}" for k, v in about.get("notes", {}).items())
+    (out / "report.md").write_text(
+        f"# Evaluation of `{about['model']}` on `{about['data']}`\n\n{about['summary']}\n\n"
+        f"| metric | value |\n|---|---|\n{rows}\n\n{notes}\n")
+    written = [out / "report.json", out / "report.md"]
+    n = min(24, len(data.groups))
+    refs = data.info.captions or []
+    if n and data.pixels is not None:
+        lines = [[("ref: " + refs[int(data.groups[i])], (0, 0, 0))]
+                 + ([("top: " + top_captions[i], (0, 90, 160))] if top_captions else [])
+                 + ([("gen: " + made_captions[i], (140, 0, 140))] if i < len(made_captions) else []) for i in range(n)]
+        text_grid(data.images(torch.arange(n)), lines).save(out / "captions.png")
+        written.append(out / "captions.png")
+    if len(fake):
+        k = min(24, len(fake))
+        pairs = torch.stack([real[:k], fake[:k]], dim=1).flatten(0, 1)  # real, generated, real, ...
+        lines = [[(("real: " if j % 2 == 0 else "generated: ") + refs[int(data.groups[j // 2])], (0, 0, 0))] for j in range(2 * k)]
+        text_grid(pairs, lines, columns=8).save(out / "generated.png")
+        written.append(out / "generated.png")
+    return written
+
+
+def top_captions(data: ValidationData) -> list[str]:
+    """Each validation image's nearest caption among the split's unique captions."""
+    captions = data.info.captions or []
+    if not captions or bool((data.groups < 0).any()):
+        return []
+    text = torch.zeros(len(captions), data.text_features.shape[1])
+    text[data.groups] = data.text_features
+    return [captions[int(i)] for i in (data.image_features @ text.T).argmax(dim=1)]
+
+
+def summary_for(model: Any) -> tuple[list[str], list[str]]:
+    """(trained components, skipped parts with why)."""
+    trained = trained_components(model.config)
+    skipped = [f"{part}: not trained (config.json training record)" for part in ("decoder", "language")
+               if getattr(model.config, part) is not None and part not in trained]
+    return trained, skipped
+
+
+__all__ = ["Captioning", "Generation", "SplitInfo", "alignment_metrics", "caption_metrics", "generation_metrics",
+           "generate_fixed", "write_report", "labeled_training_images", "class_reader", "top_captions", "summary_for"]
