@@ -37,7 +37,7 @@ def model_card(
     reproduces them."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from .knowledge import TRAIN_COMMANDS, trained_components
+    from .knowledge import train_command, trained_components
 
     trained = trained_components(config)
     heads = [h for h, part in (("diffusion decoder", "decoder"), ("language head", "language")) if part in trained]
@@ -46,7 +46,7 @@ def model_card(
     meta = ModelCardData(license=license, library_name="multimodal-foundation",
                          tags=tags + ["image-captioning"] * ("language" in trained) + ["multimodal"])
     not_trained = "".join(
-        f"\n\nNot trained: the {c} component (its weights are random; inference refuses it). Train it with `{TRAIN_COMMANDS[c]}`."
+        f"\n\nNot trained: the {c} component (its weights are random; inference refuses it). Train it with `{train_command(config, c)}`."
         for c in untrained)
     if metrics:
         rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())

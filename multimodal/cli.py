@@ -84,6 +84,7 @@ def _export(args: argparse.Namespace) -> int:
     known = inspect.signature(FoundationModule.__init__).parameters
     hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in known}
     module = FoundationModule(**{**hparams, "init_from": None})
+    module.hparams["init_from"] = hparams.get("init_from")  # named in the training record
     module.on_load_checkpoint(ckpt)  # the decoder's EMA weights, what the starting point knew
     module.load_state_dict(ckpt["state_dict"])
     data = ckpt.get("datamodule_hyper_parameters") or {}
@@ -251,9 +252,9 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import launch
 
     if args.adapter is not None and args.model is None:  # the adapter on the base it records
-        launch(args.adapter, host=args.host, port=args.port)
+        launch(args.adapter, host=args.host, port=args.port, allow_untrained=args.allow_untrained)
     else:
-        launch(_model_dir(args.model), host=args.host, port=args.port, adapter=args.adapter)
+        launch(_model_dir(args.model), host=args.host, port=args.port, adapter=args.adapter, allow_untrained=args.allow_untrained)
     return 0
 
 
@@ -334,7 +335,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="report", help="output folder (default report/; never overwritten without --overwrite)")
     ev.add_argument("--train-data", default=None, help="the training folder, for the pixel classifier (default: the one the model's record names)")
     ev.add_argument("--inception-weights", default=None, help="a local Inception-v3 FID weights file: FID/KID on Inception features too")
-    ev.add_argument("--limit", type=int, default=None, help="evaluate at most this many images (default: all)")
+    ev.add_argument("--limit", type=int, default=None, help="caption and generate for at most this many images (default: all; retrieval and zero-shot use all)")
     ev.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     pre = sub.add_parser("prepare", help="write a data set a package ships as image folders")
     pre.add_argument("dataset", choices=("digits",), help="digits: scikit-learn's handwritten digits (1797 scans, CC BY 4.0)")

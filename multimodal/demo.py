@@ -22,7 +22,7 @@ from PIL import Image
 from diffusion.schedule import SCHEDULERS
 
 from .config import DemoLimits
-from .knowledge import UntrainedComponentError, trained_components, unseen_message
+from .knowledge import UnseenWordsWarning, UntrainedComponentError, trained_components, unseen_message
 from .pipeline import FoundationPipeline
 from .preprocess import as_pil
 from .templates import DEFAULT_TEMPLATES
@@ -135,7 +135,7 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
             raise _error(f"labels: give between 2 and {limits.max_labels} comma-separated labels, got {len(names)}")
         _refuse_untrained(pipe, "text", "image")
         with lock, warnings.catch_warnings():  # said in the note instead
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("ignore", UnseenWordsWarning)
             probs = pipe.classify(image, names, templates=DEFAULT_TEMPLATES)[0]
         return {name: float(p) for name, p in zip(names, probs)}, _note(pipe, [t.format(n) for t in DEFAULT_TEMPLATES for n in names])
 
@@ -159,7 +159,7 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
         beams = _number(num_beams, "beams", 1, 8)
         if not has_language:
             raise _error("this model has no language head")
-        _refuse_untrained(pipe, "image", "language")
+        _refuse_untrained(pipe, "text", "image", "language")
         with lock:
             return pipe.caption(image, num_beams=beams, max_new_tokens=limits.max_new_tokens)[0]
 
@@ -179,7 +179,9 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
         gr.Markdown(
             "# multimodal-foundation\nOne shared text encoder: generate images, classify and search "
             "images zero-shot, caption images and complete text."
-            + "".join(f"\n\n**This model's {c} was never trained**: its tab is refused." for c in untrained)
+            + "".join(f"\n\n**This model's {c} was never trained**: "
+                      + ("its output is noise (run with --allow-untrained)." if pipe.allow_untrained else "its tab is refused.")
+                      for c in untrained)
         )
         with gr.Tab("Generate"):
             with gr.Row():
@@ -244,12 +246,12 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
 
 def launch(model: str | Path | None = None, host: str = "127.0.0.1", port: int | None = None,
            limits: DemoLimits = DemoLimits(), prevent_thread_lock: bool = False, quiet: bool = False,
-           adapter: str | Path | None = None):
+           adapter: str | Path | None = None, allow_untrained: bool = False):
     """Load the model (default: the shipped shapes model; a LoRA adapter folder brings its base),
     optionally with a LoRA ``adapter`` on it, and serve the page. Returns the ``gr.Blocks`` (its
     ``local_url`` tells where it runs; ``close()`` stops it)."""
     directory = Path(model) if model is not None else SHIPPED_MODEL
-    pipe = FoundationPipeline.from_pretrained(directory, adapter=adapter)
+    pipe = FoundationPipeline.from_pretrained(directory, adapter=adapter, allow_untrained=allow_untrained)
     demo = build_demo(pipe, limits)
     demo.launch(
         server_name=host, server_port=port, share=False, max_file_size=limits.max_file_size,

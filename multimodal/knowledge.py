@@ -14,16 +14,23 @@ from .config import FoundationConfig
 
 VOCABULARY_NAME = "vocabulary.json"
 
-#: the shipped recipe that trains each component, starting from a model folder
-_ALL = "or all heads at once on your data: multimodal fit --config assets/configs/folder.yaml --data.path YOUR_DATA"
-TRAIN_COMMANDS = {
-    "text": f"multimodal fit --config assets/configs/align.yaml, {_ALL}",
-    "image": f"multimodal fit --config assets/configs/align.yaml, {_ALL}",
-    "decoder": f"multimodal fit --config assets/configs/decoder.yaml --model.init_from THIS_MODEL, {_ALL}",
-    "language": f"multimodal fit --config assets/configs/language.yaml --model.init_from THIS_MODEL, {_ALL}",
-}
+_STAGE = {"text": "align", "image": "align", "decoder": "decoder", "language": "language"}
 _PURPOSE = {"text": "the text encoder", "image": "the image encoder", "decoder": "the image decoder (generation)",
             "language": "the language head (captions, completion)"}
+
+
+def train_command(config: FoundationConfig, component: str, folder: str | None = None) -> str:
+    """The command that trains ``component`` of the model in ``folder``, on the data its last
+    run used (the shapes recipes for shapes data, ``folder.yaml`` for a user's data)."""
+    runs = config.training.runs if config.training else []
+    data = next((r["data"] for r in reversed(runs) if isinstance(r.get("data"), dict)), {})
+    start = f" --model.init_from {folder}" if folder else " --model.init_from MODEL_FOLDER"
+    if data.get("source") in (None, "shapes"):
+        recipe = {"align": "align.yaml", "decoder": "decoder.yaml", "language": "language.yaml"}[_STAGE[component]]
+        return f"multimodal fit --config assets/configs/{recipe}{start}"
+    return (f"multimodal fit --config assets/configs/folder.yaml{start} --model.stage {_STAGE[component]} "
+            f"--data.source {data['source']} --data.path {data.get('path')} (with the --model.preset / --model.overrides "
+            "the model was trained with)")
 
 
 class UntrainedComponentError(ValueError):
@@ -38,7 +45,8 @@ class UntrainedComponentWarning(UserWarning):
     """An untrained component was run anyway (``allow_untrained=True``): its output is noise."""
 
 
-def check_trained(config: FoundationConfig, components: Iterable[str], allow_untrained: bool = False) -> None:
+def check_trained(config: FoundationConfig, components: Iterable[str], allow_untrained: bool = False,
+                  folder: str | None = None) -> None:
     """Raise ``UntrainedComponentError`` (or warn, with ``allow_untrained``) for each of
     ``components`` the model's training record says was never trained; a model without a
     record (unknown history) passes."""
@@ -49,7 +57,7 @@ def check_trained(config: FoundationConfig, components: Iterable[str], allow_unt
         if record.trained(name):
             continue
         message = (f"{_PURPOSE[name]} of this model was never trained (config.json training.steps.{name} = 0), "
-                   f"so its output would be noise. Train it: {TRAIN_COMMANDS[name]}")
+                   f"so its output would be noise. Train it: {train_command(config, name, folder)}")
         if not allow_untrained:
             raise UntrainedComponentError(message + " (or pass allow_untrained=True / --allow-untrained to run it anyway)")
         warnings.warn(message, UntrainedComponentWarning, stacklevel=3)

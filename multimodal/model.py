@@ -46,6 +46,7 @@ class FoundationModel(nn.Module):
         self.adapter: AdapterConfig | None = None  # set while a LoRA adapter is injected (multimodal.lora)
         # token ids of the training captions (multimodal.knowledge); None: unknown
         self.vocabulary: frozenset[int] | None = None
+        self.name_or_path: str | None = None
         self.register_buffer("pixel_mean", torch.tensor(config.image.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.image.std).view(1, -1, 1, 1), persistent=False)
         self.objective = DDPMObjective(config.decoder) if config.decoder is not None else None
@@ -258,6 +259,7 @@ class FoundationModel(nn.Module):
             )
         model.load_state_dict(state, strict=True)
         model.vocabulary = load_vocabulary(directory)
+        model.name_or_path = str(directory)  # where it came from (messages name it)
         return model.to(map_location).eval()
 
     # ---- LoRA adapters (multimodal.lora) ---------------------------------------------------------
@@ -267,13 +269,22 @@ class FoundationModel(nn.Module):
         return self
 
     def load_adapter(self, directory: str | Path) -> "FoundationModel":
-        """Inject a saved adapter (``save_adapter`` folder) into this model."""
+        """Inject a saved adapter (``save_adapter`` folder) into this model; the words its
+        training captions taught join the model's vocabulary until it is unloaded."""
         lora.load_adapter(self, directory)
+        taught = load_vocabulary(directory)
+        self._base_vocabulary = self.vocabulary
+        if taught is not None and self.vocabulary is not None:
+            self.vocabulary = self.vocabulary | taught
         return self
 
     def save_adapter(self, directory: str | Path, base_model: str | Path | None = None, card: str | None = None) -> Path:
-        """Write the adapter weights alone, with a reference to ``base_model`` (a folder)."""
-        return lora.save_adapter(self, directory, base_model, card)
+        """Write the adapter weights alone, with a reference to ``base_model`` (a folder), and
+        the vocabulary (base + adapter training captions)."""
+        folder = lora.save_adapter(self, directory, base_model, card)
+        if self.vocabulary is not None:
+            save_vocabulary(folder, self.vocabulary)
+        return folder
 
     def merge_adapter(self) -> "FoundationModel":
         """Fold the adapter into the weights: a plain model again (``save_pretrained`` works)."""
@@ -283,6 +294,7 @@ class FoundationModel(nn.Module):
     def unload_adapter(self) -> "FoundationModel":
         """Remove the adapter without merging: the base weights, bit for bit."""
         lora.unload_adapter(self)
+        self.vocabulary = getattr(self, "_base_vocabulary", self.vocabulary)
         return self
 
     @classmethod

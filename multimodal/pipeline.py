@@ -77,7 +77,7 @@ class FoundationPipeline:
         self._warned_unfiltered = False
 
     def _require(self, *components: str) -> None:
-        check_trained(self.model.config, components, self.allow_untrained)
+        check_trained(self.model.config, components, self.allow_untrained, getattr(self.model, "name_or_path", None))
 
     def unseen_words(self, texts: str | Sequence[str]) -> list[str]:
         """Words of ``texts`` with a token the model never saw in its training captions (empty
@@ -318,7 +318,7 @@ class FoundationPipeline:
         ``do_sample=True`` and ``temperature`` / ``top_k`` / ``top_p`` (seeded by ``generator``),
         ``min_new_tokens``, ``use_cache=False`` for the reference path without the KV cache."""
         args = GenerationArgs(**options)
-        self._language("image")
+        self._language("text", "image")  # the head reads the text tower's states too
         states = self.model.image_tokens(self._pixels(images))  # [B, 1 + N, Wi]
         return self._generate([[self.model.tokenizer.sot_token_id]] * states.shape[0], states, args, generator)
 

@@ -106,3 +106,44 @@ def test_record_and_vocabulary_round_trip_and_are_checked(tmp_path, tiny_model):
 def test_which_components_a_stage_trains(stage, expected):
     spec = STAGES[stage]
     assert components_trained(spec, spec.freeze, ["text", "image", "decoder", "language"], True) == expected
+
+
+def test_fit_records_what_it_trained_and_export_from_checkpoints_keeps_it(tmp_path, capsys):
+    import json
+
+    import torch
+
+    from conftest import ALIGN, scaled_config
+
+    assert main(["fit", "--config", str(scaled_config(tmp_path, ALIGN, max_steps=2, val_check_interval=2))]) == 0
+    model_dir = tmp_path / "runs/align/model"
+    record = json.loads((model_dir / "config.json").read_text())["training"]
+    assert record["steps"] == {"text": 2, "image": 2, "decoder": 0, "language": 0}
+    assert record["runs"][-1]["stage"] == "align" and record["runs"][-1]["data"]["source"] == "shapes"
+    vocabulary = load_vocabulary(model_dir)
+    model = FoundationModel.from_pretrained(model_dir)
+    assert set(model.tokenize("a red circle").flatten().tolist()) <= vocabulary
+    assert "Not trained: the decoder" in (model_dir / "README.md").read_text()
+
+    ckpt = tmp_path / "runs/align/checkpoints/last.ckpt"
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "exported")]) == 0
+    exported = FoundationModel.from_pretrained(tmp_path / "exported")
+    assert exported.config.training.steps == {"text": 2, "image": 2, "decoder": 0, "language": 0}
+    assert exported.vocabulary == vocabulary
+
+    old = torch.load(ckpt, weights_only=True)  # a checkpoint written before training records
+    del old["training_base"]
+    torch.save(old, tmp_path / "old.ckpt")
+    assert main(["export", "--ckpt", str(tmp_path / "old.ckpt"), "--out", str(tmp_path / "old")]) == 0
+    legacy = FoundationModel.from_pretrained(tmp_path / "old")
+    assert legacy.vocabulary is None  # unknown, not empty: no word is reported as unseen
+    assert legacy.config.training.trained("decoder")  # history unknown: nothing refused
+
+    # an export folder of the old layout at export_to is refused before training, with the fix
+    (tmp_path / "runs/align/model").unlink()
+    (tmp_path / "runs/align/model").mkdir()
+    (tmp_path / "runs/align/model/config.json").write_text("{}")
+    capsys.readouterr()
+    assert main(["fit", "--config", str(scaled_config(tmp_path, ALIGN, max_steps=2, val_check_interval=2))]) == 2
+    assert "mv " in capsys.readouterr().err
+    assert not (tmp_path / "runs/align/version_1/model").exists()

@@ -109,3 +109,44 @@ def test_folder_recipe_trains_all_heads_records_them_and_evaluate_reports(tmp_pa
         assert (tmp_path / "report" / name).is_file()
     assert main(["evaluate", "--model", str(link), "--data", data["val_path"], "--out", "report"]) == 2  # never overwritten
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_classes_from_a_label_column_or_class_subfolders(tmp_path):
+    from train.data import FoundationDataModule
+
+    root = tmp_path / "flat"
+    root.mkdir()
+    rows = []
+    for i in range(20):
+        Image.new("RGB", (16, 16), (200 * (i % 2), 0, 0)).save(root / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"picture {i}", "label": ["red", "black"][i % 2]}))
+    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    dm = FoundationDataModule("folder", path=str(root), image_size=16, val_fraction=0.5)
+    dm.setup("fit")
+    assert dm.classes == ["black", "red"]
+    labels = dm.train_labels()
+    assert len(labels) == 10 and all(label == ["black", "red"].index(["red", "black"][int(p.stem) % 2])
+                                     for label, (p, _) in zip(labels, dm.train_set.records))
+    assert sorted(dm.val_set.labels) == sorted(["black", "red"].index(["red", "black"][int(p.stem) % 2]) for p, _ in dm.val_set.records)
+
+    counts = write_digits(tmp_path / "digits", val_every=5)
+    dm = FoundationDataModule("folder", path=str(tmp_path / "digits/train"), val_path=str(tmp_path / "digits/val"), image_size=16)
+    dm.setup("fit")
+    assert dm.classes == sorted(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
+    assert len(dm.train_labels()) == counts["train"] and min(dm.train_labels()) == 0
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        write_digits(tmp_path / "digits")
+
+
+def test_generation_scores_on_two_or_three_images_skip_only_the_floor(tiny_model):
+    import torch
+
+    from train.evaluation import SplitInfo, ValidationData
+    from train.report import generation_metrics
+
+    n = 3
+    data = ValidationData(torch.zeros(n, 32), torch.zeros(n, 32), torch.tensor([0, 1, 0]), torch.tensor([0, 1, 0]),
+                          (torch.rand(n, 3, 32, 32) * 255).to(torch.uint8), SplitInfo(["a", "b"], None, ["a red circle", "a blue square"]))
+    tiny_model.config.sampling.steps = 1
+    metrics, fake, real = generation_metrics(tiny_model, data, baseline=False)
+    assert "fid_own" in metrics and not any("floor" in k for k in metrics) and fake.shape == real.shape == (3, 3, 32, 32)

@@ -17,7 +17,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from multimodal.zero_shot import zero_shot_weights
 
 from .evaluation import final_metrics
-from .grid import prediction_grid
+from .grid import prediction_grid, text_grid
 from .init import OPEN_CLIP_PREFIX
 
 
@@ -37,9 +37,9 @@ def _has_validation(trainer: L.Trainer) -> bool:
 
 class FitReport(Callback):
     """At the end of ``fit``: every evaluator's metrics on the final weights, printed and
-    written to ``metrics.json`` in the run folder, and ``val_predictions.png`` (the first
-    ``num_images`` validation images with their ``top_k`` zero-shot predictions) for data with
-    classes."""
+    written to ``metrics.json`` in the run folder, and ``val_predictions.png``: the first
+    ``num_images`` validation images with their ``top_k`` zero-shot predictions (data with
+    classes) or their ``top_k`` nearest captions of the split (data without)."""
 
     def __init__(self, num_images: int = 16, top_k: int = 3):
         self.num_images, self.top_k = num_images, top_k
@@ -69,8 +69,10 @@ class FitReport(Callback):
         print("\n".join(lines), file=sys.stdout, flush=True)
 
     def write_predictions(self, module: Any, data: Any, path: Path) -> Path | None:
-        if data is None or data.info.class_prompts is None or not bool(data.labeled.any()):
+        if data is None or data.pixels is None or not len(data.labels):
             return None
+        if data.info.class_prompts is None or not bool(data.labeled.any()):  # no classes: the top captions
+            return self.write_top_captions(data, path)
         names = data.info.classes
         keep = data.labeled.nonzero().flatten()[: self.num_images]
         weights = zero_shot_weights(module.model, data.info.class_prompts).float().cpu()
@@ -81,6 +83,21 @@ class FitReport(Callback):
         titles = [captions[int(g)] if 0 <= int(g) < len(captions) else "" for g in data.groups[keep]]
         truth = [names[int(label)] for label in data.labels[keep]]
         prediction_grid(data.images(keep), titles, truth, preds).save(path)
+        return path
+
+
+    def write_top_captions(self, data: Any, path: Path) -> Path | None:
+        """Validation images with their caption and the ``top_k`` nearest captions of the split."""
+        captions = data.info.captions or []
+        if not captions or bool((data.groups < 0).any()):
+            return None
+        n = min(self.num_images, len(data.groups))
+        text = torch.zeros(len(captions), data.text_features.shape[1])
+        text[data.groups] = data.text_features
+        top = (data.image_features[:n] @ text.T).topk(min(self.top_k, len(captions)), dim=1).indices
+        lines = [[(captions[int(g)], (0, 0, 0))] + [(f"{j + 1}. {captions[int(c)]}", (0, 140, 0) if int(c) == int(g) else (200, 0, 0))
+                                                  for j, c in enumerate(row)] for g, row in zip(data.groups[:n], top)]
+        text_grid(data.images(torch.arange(n)), lines).save(path)
         return path
 
 
@@ -95,6 +112,20 @@ class ExportModel(Callback):
 
     def __init__(self, export_to: str | None = None):
         self.export_to = export_to
+
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        """Before training: refuse to end where an export cannot go without overwriting."""
+        if stage != "fit":
+            return
+        target = Path(trainer.log_dir or ".") / "model"
+        if target.exists() and any(target.iterdir()):  # a logger without versions (or none): the same folder each run
+            raise ValueError(f"{target} holds a model from an earlier run and would be overwritten: move it away, or "
+                             "log into a new folder (trainer.logger with a versioned save_dir)")
+        link = Path(self.export_to) if self.export_to else None
+        if link is not None and link.exists() and not link.is_symlink():
+            raise ValueError(f"{link} (ExportModel export_to) is a folder from an earlier version of this project, which "
+                             f"this run would have overwritten; it now becomes a link to each run's export: move it away "
+                             f"first (mv {link} {link}.old) and use {link}.old as --model.init_from if you need it")
 
     @torch.no_grad()
     def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:

@@ -37,7 +37,7 @@ from multimodal.templates import DEFAULT_TEMPLATES, check_templates, class_promp
 from . import shapes
 from .evaluation import SplitInfo
 from .samples import DROPPED, FIXED, SKIPPED, BadSample, IMAGE_EXTENSIONS, TEXT_EXTENSIONS, SampleReader, collate, read_caption
-from .sources import FolderDataset, HFDataset, WebDatasetSource, ListDataset, folder_caption, folder_records, hf_dataset
+from .sources import FolderDataset, HFDataset, WebDatasetSource, ListDataset, folder_caption, folder_labels, folder_records, hf_dataset
 
 SOURCES = ("shapes", "folder", "webdataset", "hf")
 __all__ = ["FoundationDataModule", "SOURCES", "SKIPPED", "FIXED", "DROPPED"]
@@ -96,8 +96,9 @@ class FoundationDataModule(L.LightningDataModule):
             (0: off), samples per epoch.
         train_size / val_size: number of generated samples (``shapes``); ``val_size`` also caps
             the ``webdataset`` validation set (read once into memory).
-        class_folders / zero_shot_templates: ``folder``: each validation image's class is the
-            subfolder it sits in (``_`` read as a space), so validation also reports zero-shot
+        class_folders / zero_shot_templates: ``folder``: each validation image's class is its
+            ``label`` in the metadata, else the subfolder it sits in (``_`` read as a space),
+            so validation also reports zero-shot
             accuracy over those classes, with this prompt ensemble. None (default): so when the
             validation images sit in at least two subfolders; True: required.
     """
@@ -206,7 +207,8 @@ class FoundationDataModule(L.LightningDataModule):
         val_texts = [folder_caption(c) for _, c in val if not isinstance(c, BadSample)]
         labels = None
         root = Path(self.val_path or self.path)
-        folders = [p.parent.name if p is not None and p.parent != root else None for p, _ in val]
+        named = folder_labels(root)  # a label column wins over subfolders
+        folders = [named.get(p) if named else p.parent.name if p is not None and p.parent != root else None for p, _ in val]
         classes = sorted({f for f in folders if f is not None})
         if self.hparams.class_folders is True and len(classes) < 2:
             raise ValueError(f"data.class_folders: the validation images of {root} need at least two class subfolders")
@@ -216,6 +218,17 @@ class FoundationDataModule(L.LightningDataModule):
             self.classes = [c.replace("_", " ") for c in classes]
         self.train_set = FolderDataset(train, self._reader(True))
         self.val_set = FolderDataset(val, self._reader(False, self._val_groups(val_texts)), labels)
+
+    def train_labels(self) -> list[int]:
+        """Per training record, its class index among ``classes`` (-1: none), read the way the
+        validation classes are (label column, else subfolder): for classifiers of real images."""
+        if self.class_dirs is None or not isinstance(self.train_set, FolderDataset):
+            return []
+        root = Path(self.path)
+        named = folder_labels(root)
+        keys = [named.get(p) if named else p.parent.name if p is not None and p.parent != root else None
+                for p, _ in self.train_set.records]
+        return [self.class_dirs.index(k) if k in self.class_dirs else -1 for k in keys]
 
     def _setup_hf(self) -> None:
         h = self.hparams

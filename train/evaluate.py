@@ -14,7 +14,7 @@ from multimodal.model import FoundationModel
 
 from .data import FoundationDataModule
 from .evaluation import ValidationData
-from .report import (FEATURES_NOTE, alignment_metrics, caption_metrics, class_reader, generation_metrics,
+from .report import (FEATURES_NOTE, REPORT_FILES, alignment_metrics, caption_metrics, class_reader, generation_metrics,
                      labeled_training_images, summary_for, top_captions, write_report)
 
 
@@ -54,21 +54,24 @@ def run_evaluate(model_dir: str, data: str, out: str, train_data: str | None = N
     from multimodal import scores
 
     out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out: {out_dir} is a file; give a folder for the report")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ValueError(f"--out: {out_dir} exists and is not empty; choose another folder or pass --overwrite")
+    for name in REPORT_FILES if overwrite else ():  # an earlier report's files would mix with this one's
+        (out_dir / name).unlink(missing_ok=True)
     if not Path(data).is_dir():
         raise FileNotFoundError(f"--data: no folder at {data} (an image folder with captions: metadata.jsonl, metadata.csv or .txt files)")
-    if limit is not None and limit < 2:
-        raise ValueError(f"--limit must be at least 2, got {limit}")
+    if limit is not None and limit < 4:
+        raise ValueError(f"--limit must be at least 4 (the real-vs-real floor needs two halves of two), got {limit}")
     started = time.time()
     model = FoundationModel.from_pretrained(model_dir)
     train_data = train_data or training_path(model)
     if train_data is not None and not Path(train_data).is_dir():
         print(f"the training folder {train_data} is not here: no pixel classifier (pass --train-data)")
         train_data = None
-    has_classes = any(p.is_dir() for p in Path(data).iterdir())
     dm = FoundationDataModule("folder", path=train_data or data, val_path=data, image_size=model.config.image.image_size,
-                              batch_size=batch_size, val_batch_size=batch_size, class_folders=has_classes)
+                              batch_size=batch_size, val_batch_size=batch_size)
     dm.setup("validate")
     split = collect(model, dm.val_dataloader(), dm.split_info())
     n = len(split.groups)

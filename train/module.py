@@ -129,13 +129,14 @@ class FoundationModule(L.LightningModule):
                     if decoder_trains and config.decoder.ema_decay > 0 else None)
         # what the model will know: the starting point's record and vocabulary, plus this run's
         weights = init_from is not None and (Path(init_from).is_file() or init_from.removeprefix(OPEN_CLIP_PREFIX).count(":") > 0)
-        self.base_record, base_vocab, self.vocabulary_known = base_knowledge(self.base_model, weights)
         present = [c for c, m in lora_utils.components(self.model).items() if m is not None]
+        self.base_record, base_vocab, self.vocabulary_known = base_knowledge(
+            self.base_model, weights, adapter_dir, present, self.init_report)
         trains = [c for c in COMPONENTS if parts[c] is not None and any(p.requires_grad for p in parts[c].parameters())]
         self.trains = components_trained(self.stage, [c for c in COMPONENTS if c not in trains], present, diffusion_text_grad)
-        seen = torch.zeros(self.model.tokenizer.vocab_size, dtype=torch.bool)
-        seen[list(base_vocab or [])] = True
-        self.register_buffer("seen_tokens", seen)  # in checkpoints: a resumed run keeps its vocabulary
+        # not a buffer (DDP would overwrite every rank's with rank 0's): merged over ranks each step, in checkpoints
+        self.seen_tokens = torch.zeros(self.model.tokenizer.vocab_size, dtype=torch.uint8)
+        self.seen_tokens[list(base_vocab or [])] = 1
         self.skipped_steps = 0
         self.data_issues: Counter = Counter()  # this epoch's skipped / fixed samples, by kind
         self._report, self._report_epochs, self._last_report = Counter(), [], -math.inf  # printed data counts
@@ -178,7 +179,7 @@ class FoundationModule(L.LightningModule):
             return None
         self.samples_seen += bs
         self.data_issues["truncated_caption"] += sum(self.model.tokenizer.overflows(batch["caption"]))
-        self.seen_tokens[self.model.tokenize(batch["caption"]).flatten().to(self.seen_tokens.device)] = True
+        self._mark_seen(batch["caption"])
         out = self.model(batch, heads=self.loss.heads, denoise_batch=self.hparams.diffusion_batch_size,
                          denoise_text_grad=self.hparams.diffusion_text_grad)
         losses = self.loss(out)
@@ -194,6 +195,14 @@ class FoundationModule(L.LightningModule):
             self.log("train/logit_scale", out["logit_scale"], batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         return loss
+
+    def _mark_seen(self, captions: list[str]) -> None:
+        """Add the batch's caption tokens to the run's vocabulary (every rank's, under DDP)."""
+        self.seen_tokens[self.model.tokenize(captions).flatten()] = 1
+        if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            merged = self.seen_tokens.to(self.device)
+            torch.distributed.all_reduce(merged, op=torch.distributed.ReduceOp.MAX)
+            self.seen_tokens = merged.cpu()
 
     def _even_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Under DDP, cut every rank's batch to the smallest one (skipped samples leave ranks with
@@ -237,10 +246,8 @@ class FoundationModule(L.LightningModule):
 
     def knowledge(self, data: dict[str, Any], steps: int | None = None) -> tuple[Any, frozenset[int] | None]:
         """The training record (the starting point's plus this run's steps on ``data``: source and path) and the
-        caption vocabulary (None: unknown) the exported model carries. All ranks call it."""
+        caption vocabulary (None: unknown) the exported model carries."""
         seen = self.seen_tokens
-        if self._trainer is not None and self.trainer.world_size > 1:
-            seen = self.trainer.strategy.reduce(seen.float(), reduce_op="sum") > 0
         steps = int(self.global_step if steps is None else steps)
         run = {"stage": self.hparams.stage, "steps": steps, "trained": self.trains, "data": data,
                **({"init_from": str(self.hparams.init_from)} if self.hparams.init_from else {})}
@@ -270,7 +277,7 @@ class FoundationModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # what the starting point knew (an export from this checkpoint alone needs it)
         checkpoint["training_base"] = {"record": json.dumps(asdict(self.base_record)) if self.base_record else None,
-                                       "vocabulary_known": self.vocabulary_known}
+                                       "vocabulary_known": self.vocabulary_known, "seen_tokens": self.seen_tokens.clone()}
         if self.ema is not None:
             checkpoint["decoder_ema"] = self.ema.state_dict()
         # the random streams of noise, timesteps and dropout, so that a resumed run continues them
@@ -278,11 +285,13 @@ class FoundationModule(L.LightningModule):
         checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"].setdefault("seen_tokens", self.seen_tokens.clone())  # checkpoints from before records
         base = checkpoint.get("training_base")
-        if base is not None:
+        if base is None:  # a checkpoint from before training records: its history and vocabulary are unknown
+            self.base_record, self.vocabulary_known = None, False
+        else:
             self.base_record = TrainingRecord(**json.loads(base["record"])) if base["record"] else None
             self.vocabulary_known = bool(base["vocabulary_known"])
+            self.seen_tokens = base["seen_tokens"].to(torch.uint8).clone()
         if self.ema is not None and "decoder_ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["decoder_ema"])
         if checkpoint.get("rng_states") is not None:

@@ -29,25 +29,43 @@ def components_trained(stage: StageConfig, frozen: list[str], present: list[str]
     return [c for c in COMPONENTS if c in touched and c in present and c not in frozen]
 
 
-def base_knowledge(init_from: str | None, open_clip_weights: bool) -> tuple[TrainingRecord | None, frozenset[int] | None, bool]:
-    """What the starting point knew: its training record, its vocabulary, and whether the
-    vocabulary is known at all (a fresh model: yes, empty; an open_clip start or a folder
-    saved without one: no)."""
+def base_knowledge(init_from: str | None, open_clip_weights: bool, adapter_dir: str | None, present: list[str],
+                   init_report: dict[str, list[str]] | None) -> tuple[TrainingRecord | None, frozenset[int] | None, bool]:
+    """What the starting point knew: its training record (components whose weights did not all
+    load count as untrained), its vocabulary (with a continued adapter's), and whether the
+    vocabulary is known at all (a fresh model: yes, empty; open_clip weights or a folder saved
+    without one: no)."""
     if init_from is None:
         return TrainingRecord(), frozenset(), True
     if init_from.startswith(OPEN_CLIP_PREFIX) or Path(init_from).is_file():
-        pretrained = ["text", "image"] if open_clip_weights else []
-        return TrainingRecord(pretrained=pretrained, runs=[{"init_from": init_from}]), None, False
+        if not open_clip_weights:  # an open_clip architecture from scratch
+            return TrainingRecord(runs=[{"init_from": init_from}]), frozenset(), True
+        return TrainingRecord(pretrained=["text", "image"], runs=[{"init_from": init_from}]), None, False
     folder = Path(init_from)
     record = FoundationConfig.load(folder / CONFIG_NAME).training if (folder / CONFIG_NAME).is_file() else None
+    # unknown history: what is present counts as trained elsewhere (nothing is refused)
+    record = record or TrainingRecord(pretrained=list(present), runs=[{"init_from": init_from, "note": "history unknown"}])
+    incomplete = {_component(k) for key in ("missing", "mismatched") for k in (init_report or {}).get(key, [])}
+    record = TrainingRecord(steps={c: 0 if c in incomplete else v for c, v in record.steps.items()}, runs=record.runs,
+                            pretrained=[c for c in record.pretrained if c not in incomplete])
     vocabulary = load_vocabulary(folder)
+    if vocabulary is not None and adapter_dir is not None:
+        taught = load_vocabulary(adapter_dir)
+        vocabulary = vocabulary | taught if taught is not None else None
     return record, vocabulary, vocabulary is not None
 
 
+def _component(state_key: str) -> str | None:
+    for component, prefix in (("text", "encoders.text."), ("image", "encoders.image."), ("decoder", "decoder."), ("language", "language.")):
+        if state_key.startswith(prefix):
+            return component
+    return None
+
+
 def extend_record(base: TrainingRecord | None, trained: list[str], steps: int, run: dict[str, Any]) -> TrainingRecord:
-    """``base`` plus this run: ``steps`` more for each trained component, and the run entry.
-    A base of unknown history counts its present components as trained elsewhere."""
-    base = base or TrainingRecord(pretrained=list(COMPONENTS))
+    """``base`` plus this run: ``steps`` more for each trained component, and the run entry
+    (``base`` None: a checkpoint from before records, whose history is unknown)."""
+    base = base or TrainingRecord(pretrained=list(COMPONENTS), runs=[{"note": "history before this checkpoint unknown"}])
     added = {c: base.steps.get(c, 0) + (steps if c in trained else 0) for c in COMPONENTS}
     return TrainingRecord(steps=added, runs=[*base.runs, run], pretrained=list(base.pretrained))
 

@@ -128,7 +128,8 @@ def generation_metrics(model: Any, data: ValidationData, reader: scores.PixelCla
     features = features or own
     tag = "own" if features is own else "inception"
     metrics = {f"{k}_{tag}": v for k, v in scores.fid_kid(real, fake, features).items()}
-    metrics.update({f"{k}_{tag}_real_floor": v for k, v in scores.real_floor(real, features).items()})
+    if n >= 4:  # two halves of at least two images each
+        metrics.update({f"{k}_{tag}_real_floor": v for k, v in scores.real_floor(real, features).items()})
     if baseline:
         base = generate_fixed(untrained_decoder(model), prompts, device)
         metrics.update({f"{k}_{tag}_untrained_decoder": v for k, v in scores.fid_kid(real, base, features).items()})
@@ -179,24 +180,23 @@ class Generation(Evaluator):
 
 
 def labeled_training_images(dm: Any, limit: int = MAX_CLASSIFIER_IMAGES) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real training images [n, 3, S, S] and their class (the validation classes, by subfolder)."""
-    records, names = getattr(getattr(dm, "train_set", None), "records", None), getattr(dm, "class_dirs", None)
-    if not records or not names or dm.source != "folder":
-        return torch.empty(0), torch.empty(0, dtype=torch.long)
-    picked = [i for i, (path, _) in enumerate(records) if path is not None and path.parent.name in names]
-    step = max(1, len(picked) // limit)
-    images, labels = [], []
-    for i in picked[::step][:limit]:
+    """Real training images [n, 3, S, S] with their class (as the validation classes are read),
+    at most ``limit``, spread evenly over the split."""
+    labels = dm.train_labels() if hasattr(dm, "train_labels") else []
+    picked = [i for i, label in enumerate(labels) if label >= 0]
+    images, kept = [], []
+    for i in picked[:: max(1, len(picked) // limit)][:limit]:
         item = dm.train_set[i]
         if "bad" not in item:
             images.append(item["image"])
-            labels.append(names.index(records[i][0].parent.name))
+            kept.append(labels[i])
     if not images:
         return torch.empty(0), torch.empty(0, dtype=torch.long)
-    return torch.stack(images), torch.tensor(labels)
+    return torch.stack(images), torch.tensor(kept)
 
 
 # ---- the report -----------------------------------------------------------------------------------
+REPORT_FILES = ("report.json", "report.md", "captions.png", "generated.png")
 FEATURES_NOTE = {
     "own": "the evaluated model's own image tower (unit embeddings); comparable between runs of one model only",
     "inception": "Inception-v3 pool features from the given weights file (comparable with published FIDs only at their image size and count)",

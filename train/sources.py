@@ -51,6 +51,27 @@ def folder_records(root: Path) -> list[tuple[Any, Any]]:
     return [(p, p.with_suffix(".txt")) for p in images]
 
 
+def folder_labels(root: Path) -> dict[Path, str]:
+    """Image path -> class from a ``label`` field of ``metadata.jsonl`` / column of
+    ``metadata.csv`` (empty when there is none)."""
+    labels: dict[Path, str] = {}
+    jsonl, table = root / "metadata.jsonl", root / "metadata.csv"
+    if jsonl.is_file():
+        for line in jsonl.read_bytes().splitlines():
+            try:
+                row = json.loads(line.decode("utf-8", errors="surrogateescape"))
+                if row.get("label") not in (None, "") and row.get("file_name"):
+                    labels[root / row["file_name"]] = str(row["label"])
+            except (ValueError, AttributeError, TypeError):
+                continue  # counted as bad_metadata by folder_records
+    elif table.is_file():
+        with table.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
+            for row in csv.DictReader(f):
+                if row.get("label") not in (None, "") and row.get("file_name"):
+                    labels[root / row["file_name"]] = str(row["label"])
+    return labels
+
+
 def folder_caption(caption: Any) -> Any:
     """A folder record's raw caption: a ``.txt`` path is read (as bytes) here, lazily."""
     return _read_text_file(caption) if isinstance(caption, Path) else caption
