@@ -25,8 +25,8 @@ LIMITS = DemoLimits(max_steps=4, max_images=2, max_file_size="100kb")
 def demo(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
     model = FoundationModel(FoundationConfig.from_preset("tiny"))
-    known = "a picture of a red circle blue square green triangle shape large"
-    model.vocabulary = frozenset(model.tokenize(known).flatten().tolist())  # as if trained on these words
+    known = "a picture of a red circle blue square green triangle shape large an image drawing"
+    model.vocabulary = frozenset(model.tokenize(known.split()).flatten().tolist())  # as if trained on these words
     model.save_pretrained(folder)
     app = launch(folder, port=None, limits=LIMITS, prevent_thread_lock=True, quiet=True)
     yield app
@@ -124,7 +124,7 @@ def test_twenty_concurrent_generate_calls_complete(client):
     jobs = [client.submit(f"a shape number {i}", "", 1, 2.0, i, "ddim", 1, api_name="/generate") for i in range(20)]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda job: job.result(timeout=300), jobs))
-    assert len(results) == 20 and all(len(r) == 1 and r[0]["caption"] == f"seed {i}" for i, r in enumerate(results))
+    assert len(results) == 20 and all(len(images) == 1 and images[0]["caption"] == f"seed {i}" for i, (images, _) in enumerate(results))
 
 
 CHROMIUM = Path("/usr/bin/chromium")
