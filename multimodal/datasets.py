@@ -31,6 +31,8 @@ def write_digits(out: str | Path, val_every: int = 5, overwrite: bool = False) -
     if val_every < 2:
         raise ValueError(f"val_every must be at least 2, got {val_every}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; give a folder for the data set")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
     digits = load_digits()

@@ -248,7 +248,10 @@ class FoundationModel(nn.Module):
             extra = f" (found {found}; pickle files are never loaded)" if found else ""
             raise ValueError(f"{directory} has no {WEIGHTS_NAME}{extra}")
         model = cls(FoundationConfig.load(directory / CONFIG_NAME))
-        state = load_file(str(directory / WEIGHTS_NAME))
+        try:
+            state = load_file(str(directory / WEIGHTS_NAME))
+        except Exception as err:  # noqa: BLE001 - safetensors' own error type: a damaged or foreign file
+            raise ValueError(f"{directory / WEIGHTS_NAME}: not a readable safetensors file ({err})") from None
         missing = sorted(set(model.state_dict()) - set(state))
         unexpected = sorted(set(state) - set(model.state_dict()))
         if missing or unexpected:

@@ -151,7 +151,7 @@ class ExportModel(Callback):
                     if str(hp.init_from or "").startswith(OPEN_CLIP_PREFIX) else ""),
                 training=(f"`multimodal fit` stage `{hp.stage}`, preset `{hp.preset}`, {trainer.global_step} steps; "
                           f"the run's resolved config is `{out_dir / 'config.yaml'}`. "
-                          + (" Metrics are on the held-out validation split, with the EMA decoder." if metrics else "")
+                          + (" Metrics are on the held-out validation split" + (", with the EMA decoder." if "decoder" in pl_module.trains else ".") if metrics else "")
                           + (lora_summary(model.adapter, pl_module.base_model) if model.adapter else "")),
             )
             if model.adapter is not None:  # the adapter alone, with its base's name and hash

@@ -25,8 +25,9 @@ def captioned(dataset: Any, limit: int = 200_000) -> tuple[int, int] | None:
     """(samples with a caption, samples) of a map-style split; None when it cannot be told
     without reading it (tar shards)."""
     records = getattr(dataset, "records", None)
-    if records is not None:  # folder
-        return sum(_has_caption(c) for p, c in records[:limit] if p is not None), len(records)
+    if records is not None:  # folder (metadata lines that could not be parsed are not images)
+        images = [(p, c) for p, c in records if p is not None]
+        return sum(_has_caption(c) for p, c in images[:limit]), len(images)
     ds, indices = getattr(dataset, "ds", None), getattr(dataset, "indices", None)
     if ds is not None and indices is not None:  # hf
         column = ds.select(indices[:limit])[dataset.caption_column]
@@ -49,11 +50,13 @@ def check_trainable(dm: Any, image_size: int, world_size: int) -> None:
     counts = captioned(dm.train_set)
     if counts is not None:
         good, total = counts
+        bad = sum(1 for p, _ in getattr(dm.train_set, "records", []) if p is None)
+        unparsed = f" ({bad} metadata lines could not be parsed: each must be a JSON object with file_name and text)" if bad else ""
         if total == 0:
-            raise ValueError(f"{where}: no training images found (a folder of images with captions: {CAPTION_HELP})")
+            raise ValueError(f"{where}: no training images found{unparsed} (a folder of images with captions: {CAPTION_HELP})")
         if good == 0:
-            raise ValueError(f"{where}: none of the {total} training images has a caption, so nothing can train. Add "
-                             f"captions: {CAPTION_HELP}")
+            raise ValueError(f"{where}: none of the {total} training images has a caption{unparsed}, so nothing can train. "
+                             f"Add captions: {CAPTION_HELP}")
         need = dm.batch_size * world_size
         if good < need:
             raise ValueError(

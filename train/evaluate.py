@@ -96,13 +96,20 @@ def run_evaluate(model_dir: str, data: str, out: str, train_data: str | None = N
     about = {
         "model": str(model_dir), "data": str(data), "images": n, "trained_components": trained, "skipped": skipped,
         "classifier_training_data": train_data, "seconds": round(time.time() - started, 1),
-        "summary": (f"{n} validation images; trained components: {', '.join(trained)}"
+        "limit": limit, "images_captioned_and_generated": min(limit or n, n),
+        "summary": (f"{n} validation images (retrieval, zero-shot); captions and generated images for "
+                    f"{min(limit or n, n)} of them{' (--limit)' if limit else ''}; trained components: {', '.join(trained)}"
                     + (f"; skipped: {'; '.join(skipped)}" if skipped else "") + "."),
         "notes": {"features own": FEATURES_NOTE["own"], **({"features inception": FEATURES_NOTE["inception"]} if inception else {}),
                   "real_floor": "FID/KID between two random halves of the validation images: the best a generator can reach with this many images",
                   "untrained_decoder": "the same scores for a freshly initialized decoder (the baseline)",
                   "gen_class_acc": "class of generated images as read by a logistic regression on the real training pixels; real_val_class_acc: the same classifier on the real validation images"},
     }
+    about["notes"] = {k: v for k, v in about["notes"].items()  # only for the metrics measured
+                      if k.startswith("features own") and "gen_fid_own" in metrics or k == "features inception"
+                      or any(k.split(" ")[0] in m for m in metrics)}
+    if n < 10:
+        about["notes"]["few images"] = f"only {n} validation images: every figure here is very noisy"
     files = write_report(out_dir, metrics, about, split, made, fake, real, top_captions(split))
     print(format_table(metrics))
     print("wrote " + ", ".join(str(f) for f in files))
