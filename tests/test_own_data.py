@@ -149,4 +149,4 @@ def test_generation_scores_on_two_or_three_images_skip_only_the_floor(tiny_model
                           (torch.rand(n, 3, 32, 32) * 255).to(torch.uint8), SplitInfo(["a", "b"], None, ["a red circle", "a blue square"]))
     tiny_model.config.sampling.steps = 1
     metrics, fake, real = generation_metrics(tiny_model, data, baseline=False)
-    assert "fid_own" in metrics and not any("floor" in k for k in metrics) and fake.shape == real.shape == (3, 3, 32, 32)
+    assert "gen_fid_own" in metrics and not any("floor" in k for k in metrics) and fake.shape == real.shape == (3, 3, 32, 32)

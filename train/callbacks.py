@@ -88,12 +88,10 @@ class FitReport(Callback):
 
     def write_top_captions(self, data: Any, path: Path) -> Path | None:
         """Validation images with their caption and the ``top_k`` nearest captions of the split."""
-        captions = data.info.captions or []
-        if not captions or bool((data.groups < 0).any()):
+        captions, text = data.info.captions or [], data.caption_features()
+        if not captions or text is None:
             return None
         n = min(self.num_images, len(data.groups))
-        text = torch.zeros(len(captions), data.text_features.shape[1])
-        text[data.groups] = data.text_features
         top = (data.image_features[:n] @ text.T).topk(min(self.top_k, len(captions)), dim=1).indices
         lines = [[(captions[int(g)], (0, 0, 0))] + [(f"{j + 1}. {captions[int(c)]}", (0, 140, 0) if int(c) == int(g) else (200, 0, 0))
                                                   for j, c in enumerate(row)] for g, row in zip(data.groups[:n], top)]

@@ -77,6 +77,13 @@ class ResumableDataLoader(DataLoader):
             self.sampler.start = batches * int(self.batch_size)
 
 
+def _class_keys(records: list[tuple[Any, Any]], root: Path) -> list[str | None]:
+    """Per folder record, its class: a ``label`` in the metadata (which wins), else the
+    subfolder it sits in (None: an image directly in ``root``)."""
+    named = folder_labels(root)
+    return [named.get(p) if named else p.parent.name if p is not None and p.parent != root else None for p, _ in records]
+
+
 # ---- the data module --------------------------------------------------------------------------------
 class FoundationDataModule(L.LightningDataModule):
     """Args:
@@ -207,8 +214,7 @@ class FoundationDataModule(L.LightningDataModule):
         val_texts = [folder_caption(c) for _, c in val if not isinstance(c, BadSample)]
         labels = None
         root = Path(self.val_path or self.path)
-        named = folder_labels(root)  # a label column wins over subfolders
-        folders = [named.get(p) if named else p.parent.name if p is not None and p.parent != root else None for p, _ in val]
+        folders = _class_keys(val, root)
         classes = sorted({f for f in folders if f is not None})
         if self.hparams.class_folders is True and len(classes) < 2:
             raise ValueError(f"data.class_folders: the validation images of {root} need at least two class subfolders")
@@ -224,10 +230,7 @@ class FoundationDataModule(L.LightningDataModule):
         validation classes are (label column, else subfolder): for classifiers of real images."""
         if self.class_dirs is None or not isinstance(self.train_set, FolderDataset):
             return []
-        root = Path(self.path)
-        named = folder_labels(root)
-        keys = [named.get(p) if named else p.parent.name if p is not None and p.parent != root else None
-                for p, _ in self.train_set.records]
+        keys = _class_keys(self.train_set.records, Path(self.path))
         return [self.class_dirs.index(k) if k in self.class_dirs else -1 for k in keys]
 
     def _setup_hf(self) -> None:

@@ -81,17 +81,14 @@ def run_evaluate(model_dir: str, data: str, out: str, train_data: str | None = N
     made: list[str] = []
     if "language" in trained and model.language is not None:
         caption, made = caption_metrics(model, split, limit)
-        metrics.update({f"caption_{k}": v for k, v in caption.items()})
+        metrics.update(caption)
         print(f"captions done ({time.time() - started:.0f} s)", flush=True)
     fake = real = torch.empty(0)
     if "decoder" in trained and model.decoder is not None:
         reader = class_reader(*labeled_training_images(dm)) if train_data else None
-        features = scores.InceptionFeatures(inception) if inception else None
-        gen, fake, real = generation_metrics(model, split, reader, None, limit)
-        metrics.update({f"gen_{k}" if not k.startswith("gen_") else k: v for k, v in gen.items()})
-        if features is not None:
-            inc = generation_metrics(model, split, None, features, limit)[0]
-            metrics.update({f"gen_{k}": v for k, v in inc.items() if "inception" in k})
+        extra = {"inception": scores.InceptionFeatures(inception)} if inception else None
+        gen, fake, real = generation_metrics(model, split, reader, extra, limit)
+        metrics.update(gen)
         print(f"generation done ({time.time() - started:.0f} s)", flush=True)
     about = {
         "model": str(model_dir), "data": str(data), "images": n, "trained_components": trained, "skipped": skipped,

@@ -63,6 +63,14 @@ class ValidationData:
             raise ValueError("this evaluation kept no pixels: set needs_pixels = True on the evaluator")
         return (self.pixels if mask is None else self.pixels[mask]).float() / 255
 
+    def caption_features(self) -> torch.Tensor | None:
+        """One text embedding per unique caption [G, E] (None: some image has no caption group)."""
+        if not len(self.groups) or bool((self.groups < 0).any()):
+            return None
+        text = torch.zeros(int(self.groups.max()) + 1, self.text_features.shape[1])
+        text[self.groups] = self.text_features  # every item of a group has the same caption, so the same embedding
+        return text
+
     @property
     def labeled(self) -> torch.Tensor:
         """Mask [N] of the images that have a class label."""
@@ -110,16 +118,15 @@ class Evaluator(Callback):
 
 
 class Retrieval(Evaluator):
-    """Recall@1/@5 image->text and text->image over the split's unique captions
-    (``i2t_R@k``, ``t2i_R@k``)."""
+    """Recall@k (``ks``: 1 and 5 by default) image->text and text->image over the split's
+    unique captions (``i2t_R@k``, ``t2i_R@k``)."""
+
+    def __init__(self, ks: tuple[int, ...] = (1, 5)):
+        self.ks = tuple(ks)
 
     def evaluate(self, model, data, generator, out_dir):
-        n_groups = int(data.groups.max()) + 1 if len(data.groups) else 0
-        if n_groups == 0 or bool((data.groups < 0).any()):
-            return {}
-        text = torch.zeros(n_groups, data.text_features.shape[1])
-        text[data.groups] = data.text_features  # every item of a group has the same caption, so the same embedding
-        return retrieval_recall(data.image_features, data.groups, text)
+        text = data.caption_features()
+        return {} if text is None else retrieval_recall(data.image_features, data.groups, text, self.ks)
 
 
 class ZeroShot(Evaluator):

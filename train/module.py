@@ -179,8 +179,9 @@ class FoundationModule(L.LightningModule):
             return None
         self.samples_seen += bs
         self.data_issues["truncated_caption"] += sum(self.model.tokenizer.overflows(batch["caption"]))
-        self._mark_seen(batch["caption"])
-        out = self.model(batch, heads=self.loss.heads, denoise_batch=self.hparams.diffusion_batch_size,
+        tokens = self.model.tokenize(batch["caption"])  # once: the vocabulary and the forward share it
+        self._mark_seen(tokens)
+        out = self.model({**batch, "caption": tokens}, heads=self.loss.heads, denoise_batch=self.hparams.diffusion_batch_size,
                          denoise_text_grad=self.hparams.diffusion_text_grad)
         losses = self.loss(out)
         loss = losses.pop("loss")
@@ -196,9 +197,9 @@ class FoundationModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         return loss
 
-    def _mark_seen(self, captions: list[str]) -> None:
+    def _mark_seen(self, tokens: torch.Tensor) -> None:
         """Add the batch's caption tokens to the run's vocabulary (every rank's, under DDP)."""
-        self.seen_tokens[self.model.tokenize(captions).flatten()] = 1
+        self.seen_tokens[tokens.flatten().cpu()] = 1
         if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
             merged = self.seen_tokens.to(self.device)
             torch.distributed.all_reduce(merged, op=torch.distributed.ReduceOp.MAX)

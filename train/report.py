@@ -30,9 +30,8 @@ from multimodal import scores
 from multimodal.knowledge import trained_components
 from multimodal.pipeline import FoundationPipeline
 
-from .evaluation import Evaluator, SplitInfo, ValidationData
+from .evaluation import Evaluator, Retrieval, SplitInfo, ValidationData, ZeroShot
 from .grid import text_grid
-from .metrics import retrieval_recall, zero_shot_accuracy
 
 MAX_CLASSIFIER_IMAGES = 5000  # real training images the pixel classifier is fitted on
 
@@ -72,18 +71,11 @@ def untrained_decoder(model: Any) -> Any:
 
 # ---- the measurements -----------------------------------------------------------------------------
 def alignment_metrics(model: Any, data: ValidationData) -> dict[str, float]:
-    from multimodal.zero_shot import zero_shot_weights
-
-    metrics: dict[str, float] = {}
-    if len(data.groups) and not bool((data.groups < 0).any()):
-        text = torch.zeros(int(data.groups.max()) + 1, data.text_features.shape[1])
-        text[data.groups] = data.text_features
-        metrics.update(retrieval_recall(data.image_features, data.groups, text, ks=(1, 5, 10)))
-        metrics["retrieval_chance_R@1"] = 1 / len(text)
-    if data.info.class_prompts is not None and bool(data.labeled.any()):
-        weights = zero_shot_weights(model, data.info.class_prompts).float().cpu()
-        keep = data.labeled
-        metrics["zero_shot_acc"] = zero_shot_accuracy(data.image_features[keep], data.labels[keep], weights)
+    """Retrieval R@1/5/10 and zero-shot accuracy (the fit evaluators'), each beside chance."""
+    metrics = {**Retrieval(ks=(1, 5, 10)).evaluate(model, data, None, None), **ZeroShot().evaluate(model, data, None, None)}
+    if "i2t_R@1" in metrics:
+        metrics["retrieval_chance_R@1"] = 1 / len(data.caption_features())
+    if "zero_shot_acc" in metrics:
         metrics["zero_shot_chance"] = 1 / len(data.info.class_prompts)
     return metrics
 
@@ -91,7 +83,8 @@ def alignment_metrics(model: Any, data: ValidationData) -> dict[str, float]:
 @torch.no_grad()
 def caption_metrics(model: Any, data: ValidationData, limit: int | None = None,
                     max_new_tokens: int = 16) -> tuple[dict[str, float], list[str]]:
-    """Greedy captions of the validation images against their reference captions."""
+    """Greedy captions of the validation images against their reference captions
+    (``caption_<score>`` metrics, the captions made)."""
     captions = data.info.captions or []
     n = len(data.groups) if limit is None else min(limit, len(data.groups))
     if model.language is None or n == 0 or not captions:
@@ -100,7 +93,7 @@ def caption_metrics(model: Any, data: ValidationData, limit: int | None = None,
     for start in range(0, n, 64):
         made += pipe.caption(list(data.images(torch.arange(start, min(start + 64, n)))), max_new_tokens=max_new_tokens)
     references = [[captions[int(g)]] for g in data.groups[:n]]
-    return scores.caption_scores(made, references), made
+    return {f"caption_{k}": v for k, v in scores.caption_scores(made, references).items()}, made
 
 
 def class_reader(images: torch.Tensor, labels: torch.Tensor) -> scores.PixelClassifier | None:
@@ -112,10 +105,11 @@ def class_reader(images: torch.Tensor, labels: torch.Tensor) -> scores.PixelClas
 
 @torch.no_grad()
 def generation_metrics(model: Any, data: ValidationData, reader: scores.PixelClassifier | None = None,
-                       features: torch.nn.Module | None = None, limit: int | None = None,
+                       extra_features: dict[str, torch.nn.Module] | None = None, limit: int | None = None,
                        baseline: bool = True) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
-    """Generated images for the validation captions scored against the validation images:
-    (metrics, generated [n, C, S, S], real [n, C, S, S])."""
+    """Generated images for the validation captions scored against the validation images, on
+    the model's own image features (``gen_<score>_own``) and each of ``extra_features``
+    (``gen_<score>_<name>``): (metrics, generated [n, C, S, S], real [n, C, S, S])."""
     captions = data.info.captions or []
     n = len(data.groups) if limit is None else min(limit, len(data.groups))
     if model.decoder is None or n < 2 or not captions:
@@ -124,22 +118,22 @@ def generation_metrics(model: Any, data: ValidationData, reader: scores.PixelCla
     prompts = [captions[int(g)] for g in data.groups[:n]]
     real = data.images(torch.arange(n))
     fake = generate_fixed(model, prompts, device)
+    base = generate_fixed(untrained_decoder(model), prompts, device) if baseline else None
     own = scores.ImageTowerFeatures(lambda x: model.encode_image(x.to(device)).float().cpu())
-    features = features or own
-    tag = "own" if features is own else "inception"
-    metrics = {f"{k}_{tag}": v for k, v in scores.fid_kid(real, fake, features).items()}
-    if n >= 4:  # two halves of at least two images each
-        metrics.update({f"{k}_{tag}_real_floor": v for k, v in scores.real_floor(real, features).items()})
-    if baseline:
-        base = generate_fixed(untrained_decoder(model), prompts, device)
-        metrics.update({f"{k}_{tag}_untrained_decoder": v for k, v in scores.fid_kid(real, base, features).items()})
+    metrics: dict[str, float] = {}
+    for tag, features in {"own": own, **(extra_features or {})}.items():
+        metrics.update({f"gen_{k}_{tag}": v for k, v in scores.fid_kid(real, fake, features).items()})
+        if n >= 4:  # two halves of at least two images each
+            metrics.update({f"gen_{k}_{tag}_real_floor": v for k, v in scores.real_floor(real, features).items()})
+        if base is not None:
+            metrics.update({f"gen_{k}_{tag}_untrained_decoder": v for k, v in scores.fid_kid(real, base, features).items()})
     text = model.encode_text(prompts).float().cpu()
-    metrics["clip_score_own"] = scores.clip_style_score(own(fake), text)
-    metrics["clip_score_own_real"] = scores.clip_style_score(own(real), text)
+    metrics["gen_clip_score_own"] = scores.clip_style_score(own(fake), text)
+    metrics["gen_clip_score_own_real"] = scores.clip_style_score(own(real), text)
     labels = data.labels[:n]
     if reader is not None and bool((labels >= 0).all()):
         metrics["gen_class_acc"] = reader.accuracy(fake, labels)
-        metrics["real_val_class_acc"] = reader.accuracy(real, labels)
+        metrics["gen_real_val_class_acc"] = reader.accuracy(real, labels)
     return metrics, fake, real
 
 
@@ -154,7 +148,7 @@ class Captioning(Evaluator):
         self.num_images = num_images
 
     def evaluate(self, model, data, generator, out_dir):
-        return {f"caption_{k}": v for k, v in caption_metrics(model, data, self.num_images)[0].items()}
+        return caption_metrics(model, data, self.num_images)[0]
 
 
 class Generation(Evaluator):
@@ -175,8 +169,7 @@ class Generation(Evaluator):
             self.fitted = True
 
     def evaluate(self, model, data, generator, out_dir):
-        metrics = generation_metrics(model, data, self.reader, limit=self.num_images, baseline=False)[0]
-        return {f"gen_{k}" if not k.startswith("gen_") else k: v for k, v in metrics.items()}
+        return generation_metrics(model, data, self.reader, limit=self.num_images, baseline=False)[0]
 
 
 def labeled_training_images(dm: Any, limit: int = MAX_CLASSIFIER_IMAGES) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,12 +226,10 @@ def write_report(out: Path, metrics: dict[str, float], about: dict[str, Any], da
 
 def top_captions(data: ValidationData) -> list[str]:
     """Each validation image's nearest caption among the split's unique captions."""
-    captions = data.info.captions or []
-    if not captions or bool((data.groups < 0).any()):
+    text = data.caption_features()
+    if text is None or not data.info.captions:
         return []
-    text = torch.zeros(len(captions), data.text_features.shape[1])
-    text[data.groups] = data.text_features
-    return [captions[int(i)] for i in (data.image_features @ text.T).argmax(dim=1)]
+    return [data.info.captions[int(i)] for i in (data.image_features @ text.T).argmax(dim=1)]
 
 
 def summary_for(model: Any) -> tuple[list[str], list[str]]:
