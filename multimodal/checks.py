@@ -4,11 +4,12 @@ and an error names the argument and the allowed range."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import DecoderConfig
+from .config import MAX_BATCH, MAX_IMAGES, DecoderConfig
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 MAX_GUIDANCE = 100.0
@@ -27,8 +28,11 @@ def check_generation_inputs(
         raise ValueError(f"num_inference_steps must be an integer in [1, {most}], got {steps!r}")
     if not is_number(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
         raise ValueError(f"guidance_scale must be a number in [0, {MAX_GUIDANCE:g}], got {guidance!r}")
-    if not is_int(per_prompt) or per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {per_prompt!r}")
+    if not is_int(per_prompt) or not 1 <= per_prompt <= MAX_IMAGES:
+        raise ValueError(f"num_images_per_prompt must be an integer in [1, {MAX_IMAGES}], got {per_prompt!r}")
+    if len(prompts) * per_prompt > MAX_BATCH:
+        raise ValueError(f"at most {MAX_BATCH} images per call (prompts x num_images_per_prompt), got "
+                         f"{len(prompts)} x {per_prompt}: generate in several calls")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     size = decoder.image_size
@@ -67,3 +71,29 @@ def texts_arg(texts: Any) -> list[str]:
     if not texts or not all(isinstance(t, str) for t in texts):
         raise ValueError("texts must be a string or a non-empty list of strings")
     return texts
+
+
+def check_finite(values: torch.Tensor, what: str) -> torch.Tensor:
+    """``values`` unchanged, or an error when any is NaN/inf (damaged weights, an overflow):
+    a wrong number is never returned as if it were an answer."""
+    if not bool(torch.isfinite(values).all()):
+        raise FloatingPointError(f"{what} came out NaN/inf: the model's weights are damaged or overflow in this dtype "
+                                 "(try float32)")
+    return values
+
+
+def check_image_path(path: str | Path, overwrite: bool, what: str = "--out") -> Path:
+    """An image file to write: not a folder, a known image suffix, its folder writable, and not
+    an existing file unless ``overwrite``. Checked before any work."""
+    from .files import IMAGE_SUFFIXES
+    from .folders import check_writable
+
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what}: {path} is a folder; give a file name such as {path / 'image.png'}")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"{what} must end in an image suffix ({', '.join(IMAGE_SUFFIXES)}), got {str(path)!r}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{what}: {path} exists; pass --overwrite to replace it, or choose another name")
+    check_writable(path.absolute().parent, what)
+    return path

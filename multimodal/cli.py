@@ -8,10 +8,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import SCHEDULER_NAMES  # standard library only: --help stays fast
+from .config import MAX_IMAGES, SCHEDULER_NAMES  # standard library only: --help stays fast
 
 TRAIN_COMMANDS = ("fit", "validate", "test", "predict")
-MAX_IMAGES = 64  # per generate command (each image costs memory at every sampling step)
 USAGE = """usage: multimodal {fit,validate,test,predict,evaluate,prepare,export,merge,generate,classify,caption,complete,demo,probe} ...
 
   fit        train (LightningCLI: --config assets/configs/align.yaml; --print_config shows every option)
@@ -67,8 +66,12 @@ def _export(args: argparse.Namespace) -> int:
 
     import torch
 
-    if not Path(args.ckpt).is_file():
-        raise FileNotFoundError(f"--ckpt not found: {args.ckpt}")
+    from train.cli import check_checkpoint_file
+
+    from .folders import check_target
+
+    check_checkpoint_file(args.ckpt, "--ckpt")
+    check_target(args.out, args.overwrite, "--out")  # before any work
     import inspect
 
     try:
@@ -101,13 +104,13 @@ def _export(args: argparse.Namespace) -> int:
     )
     dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     if model.adapter is not None and not args.merge:  # a LoRA run: the adapter alone
-        model.save_adapter(args.out, card=card)  # with the base (and its hash) recorded when training started
+        model.save_adapter(args.out, card=card, overwrite=args.overwrite)  # with the base (and its hash) recorded when training started
         print(f"wrote the LoRA adapter to {args.out} (base: {model.adapter.base_model}; --merge writes a full model instead)")
         return 0
     if model.adapter is not None:
         model.merge_adapter()
     with module.ema_weights():
-        model.save_pretrained(args.out, model_card=card, dtype=dtype)
+        model.save_pretrained(args.out, model_card=card, dtype=dtype, overwrite=args.overwrite)
     print(f"wrote {args.out}")
     return 0
 
@@ -115,10 +118,14 @@ def _export(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .pipeline import FoundationPipeline
+    from .checks import check_image_path
 
     if not 1 <= args.num_images <= MAX_IMAGES:
         raise ValueError(f"--num-images must be in [1, {MAX_IMAGES}], got {args.num_images}")
+    target = Path(args.out)
+    paths = [target] if args.num_images == 1 else [target.with_name(f"{target.stem}_{i}{target.suffix}") for i in range(args.num_images)]
+    for path in paths:  # before sampling: nothing is computed for an output that cannot be written
+        check_image_path(path, args.overwrite, "--out")
     pipe = _pipeline(args, scheduler=args.scheduler)  # None: the model's recommended settings (config.sampling)
     out = pipe(
         args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -126,9 +133,7 @@ def _generate(args: argparse.Namespace) -> int:
         generator=[torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)],
     )
     _warn_unseen(pipe, args.prompt)
-    target = Path(args.out)
     target.parent.mkdir(parents=True, exist_ok=True)
-    paths = [target] if len(out.images) == 1 else [target.with_name(f"{target.stem}_{i}{target.suffix}") for i in range(len(out.images))]
     for image, path in zip(out.images, paths):
         image.save(path)
         print(f"wrote {path}")
@@ -137,8 +142,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _caption(args: argparse.Namespace) -> int:
     import torch
-
-    from .pipeline import FoundationPipeline
 
     for image in args.images:
         if not Path(image).is_file():
@@ -157,6 +160,8 @@ def _classify(args: argparse.Namespace) -> int:
     for image in args.images:
         if not Path(image).is_file():
             raise FileNotFoundError(f"image not found: {image}")
+    if args.top < 1:
+        raise ValueError(f"--top must be at least 1, got {args.top}")
     if (args.labels is None) == (args.support is None):
         raise ValueError("give --labels (zero-shot) or --support (few-shot from labeled examples), not both or neither")
     pipe = _pipeline(args)
@@ -187,8 +192,6 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _complete(args: argparse.Namespace) -> int:
-    from .pipeline import FoundationPipeline
-
     if args.image is not None and not Path(args.image).is_file():
         raise FileNotFoundError(f"--image not found: {args.image}")
     pipe = _pipeline(args)
@@ -201,7 +204,6 @@ def _complete(args: argparse.Namespace) -> int:
 def _probe(args: argparse.Namespace) -> int:
     from .adapt import labeled_folder, probe
     from .templates import DEFAULT_TEMPLATES
-    from .pipeline import FoundationPipeline
 
     paths, labels, classes = labeled_folder(args.data)
     templates = args.templates or DEFAULT_TEMPLATES
@@ -214,7 +216,12 @@ def _merge(args: argparse.Namespace) -> int:
     import torch
 
     from .card import lora_summary
+    from .folders import check_target
 
+    out = check_target(args.out, args.overwrite, "--out")  # before loading anything
+    for name, folder in (("--adapter", args.adapter), ("--model", args.model)):
+        if folder is not None and Path(folder).resolve() == out:
+            raise ValueError(f"--out is the {name} folder {folder}: write the merged model to a new folder")
     pipe = _pipeline(args)
     adapter = pipe.model.adapter
     base = adapter.base_model if args.model is None else args.model
@@ -225,7 +232,9 @@ def _merge(args: argparse.Namespace) -> int:
         card = source_card.read_text() + (f"\n\n## Merged\n\nThis folder is the adapter `{args.adapter}` merged into "
                                           f"`{base}` with `multimodal merge`: a full model.{lora_summary(adapter, base)}")
     dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
-    pipe.model.save_pretrained(args.out, model_card=card, dtype=dtype)
+    if adapter.base_model and Path(adapter.base_model).resolve() == out:
+        raise ValueError(f"--out is the adapter's base model {adapter.base_model}: write the merged model to a new folder")
+    pipe.model.save_pretrained(args.out, model_card=card, dtype=dtype, overwrite=args.overwrite)
     print(f"wrote {args.out} (the adapter merged into {base})")
     return 0
 
@@ -282,11 +291,13 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                      help="store the weights in this type (float16: half the size)")
     exp.add_argument("--merge", action="store_true", help="LoRA runs: write the adapter merged into a full model")
+    exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder (as a whole)")
     mrg = sub.add_parser("merge", help="LoRA adapter + its base -> a merged full model")
     mrg.add_argument("--adapter", required=True, help="an adapter folder (written by a fit with --model.lora)")
     mrg.add_argument("--model", default=None, help="the base model folder (default: the one the adapter records)")
     mrg.add_argument("--out", required=True, help="output folder")
     mrg.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    mrg.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder (as a whole)")
     gen = sub.add_parser("generate", help="text -> image(s)")
     gen.add_argument("prompt")
     _model_options(gen)
@@ -298,6 +309,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--scheduler", default=None, choices=SCHEDULER_NAMES,
                      help="sampling scheduler (default: the model's recommended)")
     gen.add_argument("--num-images", type=int, default=1, help=f"images to generate, 1..{MAX_IMAGES} (default 1)")
+    gen.add_argument("--overwrite", action="store_true", help="replace existing output images")
     cap = sub.add_parser("caption", help="image(s) -> caption(s)")
     cap.add_argument("images", nargs="+", help="image file(s)")
     _model_options(cap)
@@ -368,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         args = _parser().parse_args(argv)
         return commands[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, ImportError) as err:
+    except (ValueError, OSError, FloatingPointError, ImportError) as err:
         print(f"multimodal {argv[0]}: error: {err}", file=sys.stderr)
         return 2
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config_dicts import config_from_dict, merge_dicts
+from .files import read_regular
 
 __all__ = ["config_from_dict", "merge_dicts"]  # with every class below
 
@@ -27,12 +28,40 @@ COMPONENTS = ("text", "image", "decoder", "language")
 LOSSES = ("contrastive", "diffusion", "caption")
 
 
+def read_json(path: str | Path, limit: int = 1 << 24) -> Any:
+    """A small JSON file of a model folder (a regular file, at most ``limit`` bytes), or an
+    error naming the file."""
+    try:
+        return json.loads(read_regular(path, limit))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable JSON file ({err})") from None
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
 
 def _choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+# Upper bounds on sizes: far above any real model, low enough that a typo (or a hostile
+# config.json) is an error, not an attempt to allocate hundreds of gigabytes.
+MAX_WIDTH, MAX_LAYERS, MAX_CONTEXT, MAX_VOCAB, MAX_IMAGE = 16384, 256, 4096, 1_000_000, 4096
+
+
+MAX_BEAMS = 16
+MAX_IMAGES = 64  # generated per prompt, and per command (each image costs memory at every sampling step)
+MAX_BATCH = 256  # generated in one call: more go in several calls
+
+
+def _sizes(prefix: str, **values: tuple[float, float, float]) -> None:
+    """Each ``name=(value, low, high)`` must lie in [low, high] (NaN never does); the error
+    names the field."""
+    for name, (value, low, high) in values.items():
+        _check(low <= value <= high, f"{prefix + '.' if prefix else ''}{name} must be in [{low:g}, {high:g}], got {value}")
 
 
 @dataclass
@@ -49,8 +78,9 @@ class TextEncoderConfig:
     trim_padding: bool = True  # skip positions after the batch's longest text (same embeddings)
 
     def __post_init__(self) -> None:
-        _check(self.context_length >= 3, f"text.context_length must be at least 3, got {self.context_length}")
-        _check(self.layers >= 1 and self.heads >= 1, f"text.layers and text.heads must be at least 1, got {self.layers}, {self.heads}")
+        _sizes("text", vocab_size=(self.vocab_size, 1, MAX_VOCAB), context_length=(self.context_length, 3, MAX_CONTEXT),
+               width=(self.width, 1, MAX_WIDTH), layers=(self.layers, 1, MAX_LAYERS), heads=(self.heads, 1, MAX_WIDTH),
+               mlp_ratio=(self.mlp_ratio, 0.01, 64))
         _check(self.width % self.heads == 0, f"text.width ({self.width}) must be a multiple of text.heads ({self.heads})")
         _choice(self.activation, "text.activation", ACTIVATIONS)
 
@@ -72,9 +102,11 @@ class ImageEncoderConfig:
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
     def __post_init__(self) -> None:
-        _check(self.image_size >= 1 and self.patch_size >= 1 and self.image_size % self.patch_size == 0,
+        _sizes("image", image_size=(self.image_size, 1, MAX_IMAGE), patch_size=(self.patch_size, 1, MAX_IMAGE),
+               channels=(self.channels, 1, 4), width=(self.width, 1, MAX_WIDTH), layers=(self.layers, 1, MAX_LAYERS),
+               heads=(self.heads, 1, MAX_WIDTH), mlp_ratio=(self.mlp_ratio, 0.01, 64))
+        _check(self.image_size % self.patch_size == 0,
                f"image.image_size ({self.image_size}) must be a positive multiple of image.patch_size ({self.patch_size})")
-        _check(self.layers >= 1 and self.heads >= 1, f"image.layers and image.heads must be at least 1, got {self.layers}, {self.heads}")
         _check(self.width % self.heads == 0, f"image.width ({self.width}) must be a multiple of image.heads ({self.heads})")
         _choice(self.activation, "image.activation", ACTIVATIONS)
         _check(len(self.mean) == self.channels and len(self.std) == self.channels and min(self.std) > 0,
@@ -110,6 +142,10 @@ class DecoderConfig:
 
     def __post_init__(self) -> None:
         n = len(self.block_out_channels)
+        _check(all(1 <= c <= MAX_WIDTH for c in self.block_out_channels) and 1 <= self.layers_per_block <= MAX_LAYERS
+               and self.attention_head_dim >= 1 and self.norm_num_groups >= 1 and 2 <= self.num_train_timesteps <= 100_000,
+               f"decoder sizes out of range: block_out_channels in [1, {MAX_WIDTH}], layers_per_block in [1, {MAX_LAYERS}], "
+               "attention_head_dim and norm_num_groups >= 1, num_train_timesteps in [2, 100000]")
         _check(n >= 1 and 1 <= self.image_size <= 64 and self.image_size % 2 ** (n - 1) == 0,
                f"decoder.image_size must be in [1, 64] and divisible by the UNet's downsampling ({2 ** max(n - 1, 0)}), got {self.image_size}")
         _check(len(self.down_block_types) == n and len(self.up_block_types) == n,
@@ -133,7 +169,7 @@ class LanguageHeadConfig:
     text_only_prob: float = 0.1  # captions seen without their image: text-only completion in distribution
 
     def __post_init__(self) -> None:
-        _check(self.layers >= 1 and self.heads >= 1, f"language.layers and language.heads must be at least 1, got {self.layers}, {self.heads}")
+        _sizes("language", layers=(self.layers, 1, MAX_LAYERS), heads=(self.heads, 1, MAX_WIDTH), mlp_ratio=(self.mlp_ratio, 0.01, 64))
         _check(0.0 <= self.text_only_prob < 1.0, f"language.text_only_prob must be in [0, 1), got {self.text_only_prob}")
         _choice(self.activation, "language.activation", ACTIVATIONS)
 
@@ -194,7 +230,7 @@ class FoundationConfig:
     training: TrainingRecord | None = None  # what each component was trained on (filled in by fit)
 
     def __post_init__(self) -> None:
-        _check(self.embed_dim >= 1, f"embed_dim must be at least 1, got {self.embed_dim}")
+        _sizes("config", embed_dim=(self.embed_dim, 1, MAX_WIDTH))
         _choice(self.attention_backend, "attention_backend", ATTENTION_BACKENDS)
         if self.decoder is not None:  # multistep solvers (dpm++, unipc) give NaN at the schedule's length
             _check(self.sampling.steps < self.decoder.num_train_timesteps,
@@ -219,11 +255,7 @@ class FoundationConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "FoundationConfig":
-        try:
-            data = json.loads(Path(path).read_text())
-        except ValueError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path))
 
 
 _HALF = (0.5, 0.5, 0.5)
@@ -337,9 +369,9 @@ class AdapterConfig:
     @classmethod
     def load(cls, path: Path) -> "AdapterConfig":
         try:
-            return cls(**json.loads(path.read_text()))
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"{path}: not a valid adapter config ({err})") from err
+            return config_from_dict(cls, read_json(path))
+        except ValueError as err:
+            raise ValueError(f"{path}: not a valid adapter config ({err})") from None
 
 
 @dataclass
@@ -358,13 +390,17 @@ class GenerationArgs:
     use_cache: bool = True
 
     def __post_init__(self) -> None:  # checked once, where the options are given
-        _check(self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        _sizes("", max_new_tokens=(self.max_new_tokens, 1, MAX_CONTEXT), num_beams=(self.num_beams, 1, MAX_BEAMS),
+               temperature=(self.temperature, 1e-6, 100), length_penalty=(self.length_penalty, -100, 100))
         _check(0 <= self.min_new_tokens <= self.max_new_tokens, f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
-        _check(self.num_beams >= 1, f"num_beams must be at least 1, got {self.num_beams}")
         _check(not (self.num_beams > 1 and self.do_sample), "num_beams > 1 and do_sample=True cannot be combined; pick beam search or sampling")
-        _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
-        _check(self.top_k is None or self.top_k >= 1, f"top_k must be at least 1 (or None), got {self.top_k}")
+        _check(self.top_k is None or 1 <= self.top_k <= MAX_VOCAB, f"top_k must be in [1, {MAX_VOCAB}] (or None), got {self.top_k}")
         _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> "GenerationArgs":
+        """From keyword arguments: unknown names and values of the wrong kind are errors naming them."""
+        return config_from_dict(cls, options, root="")
 
 
 @dataclass(frozen=True)
@@ -379,5 +415,8 @@ class DemoLimits:
     max_guidance: float = 20.0
     max_new_tokens: int = 32
     max_file_size: str = "2mb"
+    max_pixels: int = 4096 * 4096  # per uploaded image, checked from its header before decoding
+    upload_max_age_s: int = 600  # uploads (and generated files) older than this are deleted ...
+    upload_check_s: int = 60  # ... checked this often
     queue_size: int = 64
     concurrency: int = 2

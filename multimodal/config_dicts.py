@@ -13,7 +13,7 @@ T = TypeVar("T")
 _KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
-def _checked_scalar(hint: Any, value: Any, path: str) -> Any:
+def _checked_scalar(hint: Any, value: Any, path: str, root: str = "config") -> Any:
     """``value`` for a field typed ``hint`` (int, float, bool, str, or Optional of one): JSON and
     YAML give ints for floats (accepted), never bools for numbers or strings for numbers."""
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
@@ -26,22 +26,24 @@ def _checked_scalar(hint: Any, value: Any, path: str) -> Any:
     if scalar is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not ok:
-        raise ValueError(f"config.{path} must be {_KINDS[scalar]}, got {value!r}")
+        raise ValueError(f"{root + '.' if root else ''}{path} must be {_KINDS[scalar]}, got {value!r}")
     return value
 
 
-def config_from_dict(cls: type[T], data: dict[str, Any] | T, path: str = "") -> T:
-    """Build dataclass ``cls`` from a nested dict; unknown keys are an error naming the key."""
+def config_from_dict(cls: type[T], data: dict[str, Any] | T, path: str = "", root: str = "config") -> T:
+    """Build dataclass ``cls`` from a nested dict; unknown keys are an error naming the key.
+    ``root`` starts the names in errors (``config.text.width``; "" for keyword arguments)."""
     if isinstance(data, cls):
         return data
-    where = f"config{'.' + path if path else ''}"
+    where = ".".join(x for x in (root, path) if x) or "arguments"
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"unknown config key(s){' in ' + repr(path) if path else ''}: {', '.join(map(repr, unknown))}; allowed: {sorted(names)}")
+        kind = "config key(s)" if root else "option(s)"
+        raise ValueError(f"unknown {kind}{' in ' + repr(path) if path else ''}: {', '.join(map(repr, unknown))}; allowed: {sorted(names)}")
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
@@ -49,11 +51,11 @@ def config_from_dict(cls: type[T], data: dict[str, Any] | T, path: str = "") -> 
         if typing.get_origin(hint) in (typing.Union, types.UnionType) and isinstance(value, dict):
             hint = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), hint)  # Optional[Config]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = config_from_dict(hint, value, sub)
+            kwargs[key] = config_from_dict(hint, value, sub, root)
         elif typing.get_origin(hint) is tuple and isinstance(value, list):
             kwargs[key] = tuple(value)
         else:
-            kwargs[key] = _checked_scalar(hint, value, sub)
+            kwargs[key] = _checked_scalar(hint, value, sub, root)
     try:
         return cls(**kwargs)
     except TypeError as err:  # e.g. a field given a value of the wrong kind

@@ -30,25 +30,27 @@ def write_digits(out: str | Path, val_every: int = 5, overwrite: bool = False) -
 
     if val_every < 2:
         raise ValueError(f"val_every must be at least 2, got {val_every}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} is a file; give a folder for the data set")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
+    from .folders import check_target, write_folder
+
+    out = check_target(out, overwrite, "out")
     digits = load_digits()
     counts = {"train": 0, "val": 0}
-    lines: dict[str, list[str]] = {"train": [], "val": []}
-    for index, (pixels, label) in enumerate(zip(digits.images, digits.target)):
-        split = "val" if index % val_every == 0 else "train"
-        name = DIGIT_NAMES[int(label)]
-        file_name = f"{name}/{index:04d}.png"
-        path = out / split / file_name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # 17 grey levels (0..16, ink high) -> 8-bit, white ink on black, the data set's own 8x8
-        Image.fromarray((pixels * 255 / 16).round().astype("uint8"), mode="L").save(path)
-        caption = DIGIT_CAPTIONS[(index // val_every) % len(DIGIT_CAPTIONS)].format(name=name)
-        lines[split].append(json.dumps({"file_name": file_name, "text": caption}))
-        counts[split] += 1
-    for split, rows in lines.items():
-        (out / split / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+
+    def write(folder: Path) -> None:
+        lines: dict[str, list[str]] = {"train": [], "val": []}
+        for index, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+            split = "val" if index % val_every == 0 else "train"
+            name = DIGIT_NAMES[int(label)]
+            file_name = f"{name}/{index:04d}.png"
+            path = folder / split / file_name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # 17 grey levels (0..16, ink high) -> 8-bit, white ink on black, the data set's own 8x8
+            Image.fromarray((pixels * 255 / 16).round().astype("uint8"), mode="L").save(path)
+            caption = DIGIT_CAPTIONS[(index // val_every) % len(DIGIT_CAPTIONS)].format(name=name)
+            lines[split].append(json.dumps({"file_name": file_name, "text": caption}))
+            counts[split] += 1
+        for split, rows in lines.items():
+            (folder / split / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+
+    write_folder(out, write, overwrite, "out")
     return counts

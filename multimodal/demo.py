@@ -4,13 +4,19 @@ Tabs Generate, Classify, Search, Caption and Complete, each also an API endpoint
 (``/generate``, ``/classify``, ``/search``, ``/caption``, ``/complete``) for ``gradio_client``;
 generate, classify and complete also return a note naming prompt words the model never saw,
 and a component the model never trained is refused with the command that trains it.
-Hardened by default: binds 127.0.0.1, never shares, a bounded queue with a concurrency limit,
-an upload size limit, every input bounded and checked on the server (the sliders' bounds are
-only a convenience of the page), and Gradio serves no file outside its own cache.
+Hardened by default: binds 127.0.0.1, never shares, sends no analytics, a bounded queue with a
+concurrency limit; uploads bounded in size, in files per request and in pixels (checked from
+the header before decoding) and deleted after ``DemoLimits.upload_max_age_s``; security headers
+on every response (``multimodal.web``); every input bounded and checked on the server (the
+sliders' bounds are only a convenience of the page); errors say what is wrong without a server
+path; Gradio serves no file outside its own cache.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import re
 import threading
 import warnings
 from pathlib import Path
@@ -24,18 +30,37 @@ from diffusion.schedule import SCHEDULERS
 from .config import DemoLimits
 from .knowledge import UnseenWordsWarning, UntrainedComponentError, trained_components, unseen_message
 from .pipeline import FoundationPipeline
-from .preprocess import as_pil
+from .preprocess import as_pil, preprocess, to_rgb
 from .templates import DEFAULT_TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_MODEL = ROOT / "assets" / "models" / "shapes"
 EXAMPLES = ROOT / "assets" / "demo"
+THUMBNAIL = 192  # pixels: search results are shown at most this large
 
 
 def _error(message: str) -> Exception:
+    """A message for the page, without any server path (a path is shortened to its file name)."""
     import gradio as gr
 
-    return gr.Error(message)
+    return gr.Error(scrub(message))
+
+
+def scrub(message: str) -> str:
+    """``message`` with every absolute path replaced by its last part: what the server's disk
+    looks like is nobody's business."""
+    return re.sub(r"(?<![\w.])(?:/[^\s/'\"`]+)+/([^\s/'\"`]+)", r"\1", message)
+
+
+def _answering(fn):
+    """Errors of the pipeline (bad input, untrained parts, NaN) become page messages, scrubbed."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, OSError, FloatingPointError, UntrainedComponentError) as err:
+            raise _error(str(err)) from None
+    return wrapper
 
 
 def _text(value: Any, name: str, limits: DemoLimits, allow_empty: bool = False, max_chars: int | None = None) -> str:
@@ -63,14 +88,17 @@ def _number(value: Any, name: str, low: float, high: float, integer: bool = True
     return int(number) if integer else number
 
 
-def _image(value: Any, name: str = "image") -> Image.Image:
+def _image(value: Any, limits: DemoLimits, name: str = "image") -> Image.Image:
+    """An uploaded image (a path in Gradio's cache), decoded only after its header passed the checks."""
     if value is None:
         raise _error(f"{name}: upload an image first")
-    if isinstance(value, str):  # a path from the queue (file uploads)
+    if not isinstance(value, (str, Path, Image.Image)):
+        value = getattr(value, "name", value)  # a gr.File item of older Gradio versions: its path
+    if isinstance(value, (str, Path)):
         try:
-            return as_pil(value)
-        except ValueError:
-            raise _error(f"{name}: not a readable image") from None
+            return as_pil(value, limits.max_pixels)
+        except ValueError as err:
+            raise _error(f"{name}: {str(err).split(': ', 1)[-1]}") from None
     if isinstance(value, Image.Image):  # the pipeline's preprocessing makes it RGB, as in training
         return value
     raise _error(f"{name}: unsupported input {type(value).__name__}")
@@ -94,6 +122,25 @@ def _refuse_untrained(pipe: FoundationPipeline, *components: str) -> None:
         raise _error(str(err)) from None
 
 
+def _image_input(**kwargs):
+    """A ``gr.Image`` that hands over the uploaded file's path without opening it: Gradio's own
+    preprocessing opens uploads with PIL (tracebacks for broken files, a bare error for huge
+    ones); this project's image layer checks and decodes them instead (``_image``). (Patched on
+    the instance: a subclass would make Gradio write a .pyi file into this package.)"""
+    import gradio as gr
+
+    component = gr.Image(type="filepath", image_mode=None, **kwargs)
+    original = component.preprocess
+
+    def preprocess(payload):
+        if payload is not None and payload.path is not None and not (payload.url or "").startswith("data:"):
+            return payload.path
+        return original(payload)
+
+    component.preprocess = preprocess
+    return component
+
+
 def example_images() -> list[Path]:
     return sorted(EXAMPLES.glob("*.png"))
 
@@ -108,6 +155,7 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
     has_decoder, has_language = pipe.model.decoder is not None, pipe.model.language is not None
     sampling = pipe.model.config.sampling  # the model's recommended settings: the page's defaults
 
+    @_answering
     def generate(prompt, negative, steps, guidance, seed, scheduler, num_images, progress=gr.Progress(track_tqdm=True)):
         prompt = _text(prompt, "prompt", limits)
         negative = _text(negative, "negative prompt", limits, allow_empty=True) or None
@@ -128,8 +176,9 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
             )
         return [(_view(img), f"seed {seed + i}") for i, img in enumerate(out.images)], _note(pipe, [prompt])
 
+    @_answering
     def classify(image, labels):
-        image = _image(image)
+        image = _image(image, limits)
         names = [n.strip() for n in _text(labels, "labels", limits, max_chars=limits.max_labels * 40).replace("\n", ",").split(",") if n.strip()]
         if not 2 <= len(names) <= limits.max_labels:
             raise _error(f"labels: give between 2 and {limits.max_labels} comma-separated labels, got {len(names)}")
@@ -139,23 +188,32 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
             probs = pipe.classify(image, names, templates=DEFAULT_TEMPLATES)[0]
         return {name: float(p) for name, p in zip(names, probs)}, _note(pipe, [t.format(n) for t in DEFAULT_TEMPLATES for n in names])
 
+    @_answering
     def search(query, uploads, top_k):
         query = _text(query, "query", limits)
         uploads = list(uploads or [])
         if len(uploads) > limits.max_uploads:
             raise _error(f"uploads: at most {limits.max_uploads} images, got {len(uploads)}")
-        names = [p.name for p in gallery] + [Path(getattr(u, "name", u)).name for u in uploads]
-        images = [_image(str(p)) for p in gallery] + [_image(str(getattr(u, "name", u)), "upload") for u in uploads]
-        if not images:
+        sources = [(p, Path(p).name) for p in gallery] + [(u, Path(str(getattr(u, "name", u))).name) for u in uploads]
+        if not sources:
             raise _error("nothing to search: upload images")
-        top_k = _number(top_k, "results", 1, len(images))
+        top_k = _number(top_k, "results", 1, len(sources))
         _refuse_untrained(pipe, "text", "image")
+        size, pixels, thumbs = pipe.model.config.image.image_size, [], []
+        for source, _ in sources:  # one decoded image at a time: the model's input and a thumbnail are kept
+            image = _image(source, limits, "upload")
+            pixels.append(preprocess(image, size))
+            thumb = to_rgb(image)
+            thumb.thumbnail((THUMBNAIL, THUMBNAIL))
+            thumbs.append(thumb)
+            del image
         with lock:
-            ranked = pipe.retrieve(query, images, top_k=top_k)
-        return [(_view(images[i]), f"{names[i]}  {score:.3f}") for i, score in ranked]
+            ranked = pipe.retrieve(query, torch.stack(pixels), top_k=top_k)
+        return [(_view(thumbs[i]), f"{sources[i][1]}  {score:.3f}") for i, score in ranked]
 
+    @_answering
     def caption(image, num_beams):
-        image = _image(image)
+        image = _image(image, limits)
         beams = _number(num_beams, "beams", 1, 8)
         if not has_language:
             raise _error("this model has no language head")
@@ -163,6 +221,7 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
         with lock:
             return pipe.caption(image, num_beams=beams, max_new_tokens=limits.max_new_tokens)[0]
 
+    @_answering
     def complete(text, max_new_tokens):
         text = _text(text, "text", limits)
         budget = _number(max_new_tokens, "new tokens", 1, limits.max_new_tokens)
@@ -175,7 +234,8 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
     examples = [str(p) for p in example_images()[:4]]
     trained = trained_components(pipe.model.config)
     untrained = [c for c in ("decoder", "language") if getattr(pipe.model, c) is not None and c not in trained]
-    with gr.Blocks(title="multimodal-foundation demo") as demo:
+    with gr.Blocks(title="multimodal-foundation demo", analytics_enabled=False,
+                   delete_cache=(limits.upload_check_s, limits.upload_max_age_s)) as demo:
         gr.Markdown(
             "# multimodal-foundation\nOne shared text encoder: generate images, classify and search "
             "images zero-shot, caption images and complete text."
@@ -203,7 +263,7 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
             gr.Examples([["a large red circle"], ["a small blue square at the top left"], ["a green triangle"]], [g_prompt])
         with gr.Tab("Classify"):
             with gr.Row():
-                c_image = gr.Image(type="pil", image_mode=None, label="Image")  # its own mode: the pipeline makes it RGB as training does
+                c_image = _image_input(label="Image")  # a path, decoded by the project's checks
                 with gr.Column():
                     c_labels = gr.Textbox(label="Labels (comma-separated)", value="red circle, blue square, green triangle, yellow diamond")
                     c_button = gr.Button("Classify", variant="primary")
@@ -224,7 +284,7 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
             gr.Examples([["a red shape"], ["a large square"]], [s_query])
         with gr.Tab("Caption"):
             with gr.Row():
-                p_image = gr.Image(type="pil", image_mode=None, label="Image")
+                p_image = _image_input(label="Image")
                 with gr.Column():
                     p_beams = gr.Slider(1, 8, value=1, step=1, label="Beams")
                     p_button = gr.Button("Caption", variant="primary")
@@ -250,11 +310,19 @@ def launch(model: str | Path | None = None, host: str = "127.0.0.1", port: int |
     """Load the model (default: the shipped shapes model; a LoRA adapter folder brings its base),
     optionally with a LoRA ``adapter`` on it, and serve the page. Returns the ``gr.Blocks`` (its
     ``local_url`` tells where it runs; ``close()`` stops it)."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before Gradio is imported: no usage reports
+    from starlette.middleware import Middleware
+
+    from .web import GuardMiddleware, parse_size
+
     directory = Path(model) if model is not None else SHIPPED_MODEL
     pipe = FoundationPipeline.from_pretrained(directory, adapter=adapter, allow_untrained=allow_untrained)
     demo = build_demo(pipe, limits)
+    guard = Middleware(GuardMiddleware, max_files=limits.max_uploads,
+                       max_bytes=limits.max_uploads * parse_size(limits.max_file_size) + (1 << 20))
     demo.launch(
         server_name=host, server_port=port, share=False, max_file_size=limits.max_file_size,
-        prevent_thread_lock=prevent_thread_lock, show_error=True, quiet=quiet, ssr_mode=False,
+        prevent_thread_lock=prevent_thread_lock, show_error=False, quiet=quiet, ssr_mode=False,
+        app_kwargs={"middleware": [guard]},
     )
     return demo

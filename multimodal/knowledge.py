@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable
 
-from .config import FoundationConfig
+from .config import FoundationConfig, read_json
 
 VOCABULARY_NAME = "vocabulary.json"
 
@@ -83,7 +83,7 @@ def load_vocabulary(directory: str | Path) -> frozenset[int] | None:
     if not path.is_file():
         return None
     try:
-        ids = json.loads(path.read_text())["token_ids"]
+        ids = read_json(path)["token_ids"]
         return frozenset(int(i) for i in ids)
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: not a vocabulary file ({err})") from None

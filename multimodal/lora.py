@@ -10,6 +10,7 @@ adapter gives back the base model bit for bit; merging folds ``B @ A * alpha / r
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, WEIGHTS_NAME
+from .folders import write_folder
 
 if TYPE_CHECKING:
     from .model import FoundationModel
@@ -92,9 +94,10 @@ def adapter_state_dict(model: "FoundationModel") -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: "FoundationModel", directory: str | Path, base_model: str | Path | None = None,
-                 card: str | None = None) -> Path:
+                 card: str | None = None, overwrite: bool = False, extra: Callable[[Path], None] | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` + ``README.md`` (``card``,
-    else a default model card); the config records ``base_model`` (a folder) and its weights' sha256."""
+    else a default model card); the config records ``base_model`` (a folder) and its weights'
+    sha256. ``extra(folder)`` adds files; the folder is written as ``write_folder`` does."""
     config = model.adapter
     if config is None:
         raise ValueError("this model has no LoRA adapter to save")
@@ -106,17 +109,20 @@ def save_adapter(model: "FoundationModel", directory: str | Path, base_model: st
         import warnings
 
         warnings.warn(f"saving an adapter without a base model hash (base_model={config.base_model!r}): loading it cannot check its base", stacklevel=2)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
-    save_file(state, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    config.save(directory / ADAPTER_CONFIG)
     if card is None:
         from .card import lora_summary, model_card
 
         card = model_card(model.config, name="LoRA adapter", training="Not described." + lora_summary(config, config.base_model))
-    (directory / "README.md").write_text(card)
-    return directory
+    state = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+
+    def write(folder: Path) -> None:
+        save_file(state, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        config.save(folder / ADAPTER_CONFIG)
+        (folder / "README.md").write_text(card)
+        if extra is not None:
+            extra(folder)
+
+    return write_folder(directory, write, overwrite, what="directory")
 
 
 def is_adapter_folder(directory: str | Path) -> bool:
@@ -169,7 +175,12 @@ def load_adapter(model: "FoundationModel", directory: str | Path) -> AdapterConf
 
     directory = Path(directory)
     config = read_adapter_config(directory)
-    state = load_file(str(directory / ADAPTER_WEIGHTS), device=str(model.pixel_mean.device))
+    try:
+        state = load_file(str(directory / ADAPTER_WEIGHTS), device=str(model.pixel_mean.device))
+    except Exception as err:  # noqa: BLE001 - safetensors' own error type: a damaged or foreign file
+        raise ValueError(f"{directory / ADAPTER_WEIGHTS}: not a readable safetensors file ({err})") from None
+    if any(v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in state.values()):
+        raise ValueError(f"{directory / ADAPTER_WEIGHTS} holds NaN/inf values: the file is damaged")
     add_adapter(model, config)
     parts = components(model)
     expected = adapter_state_dict(model)

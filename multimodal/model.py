@@ -21,8 +21,9 @@ from encoders.tokenizer import Tokenizer
 
 from . import lora
 from .config import AdapterConfig, FoundationConfig, merge_dicts
+from .folders import write_folder
 from .files import CARD_NAME, CONFIG_NAME, DECODER_DIR, PICKLE_SUFFIXES, WEIGHTS_NAME
-from .knowledge import VOCABULARY_NAME, load_vocabulary, save_vocabulary
+from .knowledge import load_vocabulary, save_vocabulary
 from .language import LanguageHead
 
 # What ``forward`` can compute, by the loss that consumes it.
@@ -202,34 +203,36 @@ class FoundationModel(nn.Module):
         return self.encoders.encode_image(self.normalize_pixels(images), normalize=normalize)
 
     # ---- persistence -------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path, model_card: str | None = None, dtype: torch.dtype | None = None) -> Path:
+    def save_pretrained(
+        self, directory: str | Path, model_card: str | None = None, dtype: torch.dtype | None = None, overwrite: bool = False,
+    ) -> Path:
         """Write ``config.json`` + ``model.safetensors`` + ``README.md`` (a model card: the one
         given, else a default one in Hugging Face's format); ``dtype``
         (e.g. ``torch.float16``) stores floating-point weights in that type (half the size);
-        ``from_pretrained`` loads them back into the model's own dtype."""
+        ``from_pretrained`` loads them back into the model's own dtype. A non-empty
+        ``directory`` is replaced (as a whole, atomically) only with ``overwrite=True``."""
         if self.adapter is not None:
             raise ValueError(
                 "this model has a LoRA adapter: save_adapter() writes the adapter alone; merge_adapter() "
                 "(fold it in) or unload_adapter() (drop it) before save_pretrained()"
             )
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.config.save(directory / CONFIG_NAME)
-        cast = lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v  # noqa: E731
-        state = {k: cast(v.detach()).contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
         if model_card is None:
             from .card import model_card as default_card
 
             model_card = default_card(self.config)
-        (directory / CARD_NAME).write_text(model_card)
-        if self.vocabulary is not None:
-            save_vocabulary(directory, self.vocabulary)
-        else:  # a vocabulary left by an earlier model in this folder would not describe this one
-            (directory / VOCABULARY_NAME).unlink(missing_ok=True)
-        if self.decoder is not None:  # also in diffusers' own format, for diffusers users
-            self.decoder.save_diffusers(directory / DECODER_DIR, dtype=dtype)
-        return directory
+
+        def write(folder: Path) -> None:
+            self.config.save(folder / CONFIG_NAME)
+            cast = lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v  # noqa: E731
+            state = {k: cast(v.detach()).contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+            (folder / CARD_NAME).write_text(model_card)
+            if self.vocabulary is not None:
+                save_vocabulary(folder, self.vocabulary)
+            if self.decoder is not None:  # also in diffusers' own format, for diffusers users
+                self.decoder.save_diffusers(folder / DECODER_DIR, dtype=dtype)
+
+        return write_folder(directory, write, overwrite, what="directory")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "FoundationModel":
@@ -260,6 +263,10 @@ class FoundationModel(nn.Module):
                 f"{directory}: {WEIGHTS_NAME} does not match {CONFIG_NAME} (missing: {show(missing) or 'none'}; "
                 f"unexpected: {show(unexpected) or 'none'})"
             )
+        damaged = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if damaged:
+            raise ValueError(f"{directory / WEIGHTS_NAME} holds NaN/inf values in {len(damaged)} tensor(s) (first: {damaged[0]}): "
+                             "the file is damaged, or was saved from a run that diverged")
         model.load_state_dict(state, strict=True)
         model.vocabulary = load_vocabulary(directory)
         model.name_or_path = str(directory)  # where it came from (messages name it)
@@ -281,13 +288,14 @@ class FoundationModel(nn.Module):
             self.vocabulary = self.vocabulary | taught
         return self
 
-    def save_adapter(self, directory: str | Path, base_model: str | Path | None = None, card: str | None = None) -> Path:
+    def save_adapter(self, directory: str | Path, base_model: str | Path | None = None, card: str | None = None,
+                     overwrite: bool = False) -> Path:
         """Write the adapter weights alone, with a reference to ``base_model`` (a folder), and
-        the vocabulary (base + adapter training captions)."""
-        folder = lora.save_adapter(self, directory, base_model, card)
-        if self.vocabulary is not None:
-            save_vocabulary(folder, self.vocabulary)
-        return folder
+        the vocabulary (base + adapter training captions); a non-empty ``directory`` is
+        replaced only with ``overwrite=True``."""
+        vocabulary = self.vocabulary
+        extra = (lambda folder: save_vocabulary(folder, vocabulary)) if vocabulary is not None else None
+        return lora.save_adapter(self, directory, base_model, card, overwrite, extra)
 
     def merge_adapter(self) -> "FoundationModel":
         """Fold the adapter into the weights: a plain model again (``save_pretrained`` works)."""

@@ -17,7 +17,7 @@ from diffusion.decoder import TextCondition
 from diffusion.sampling import sample
 from diffusion.schedule import sampling_scheduler
 
-from .checks import MAX_GUIDANCE, OUTPUT_TYPES, check_generation_inputs, texts_arg  # noqa: F401
+from .checks import MAX_GUIDANCE, OUTPUT_TYPES, check_finite, check_generation_inputs, is_int, texts_arg  # noqa: F401
 from .config import SCHEDULER_NAMES, GenerationArgs
 from .knowledge import UnseenWordsWarning, check_trained, unseen_message, unseen_words
 from .language import generate_tokens
@@ -25,7 +25,7 @@ from .losses import token_log_likelihood
 from .model import FoundationModel
 from .preprocess import ImageInput, as_pil, preprocess
 from .safety import OutputChecker, PromptBlocked, PromptFilter, check_prompts, compile_prompt_filter  # noqa: F401
-from .templates import class_prompts
+from .templates import check_templates, class_prompts
 from .zero_shot import prototypes, zero_shot_weights
 
 
@@ -194,9 +194,10 @@ class FoundationPipeline:
             model.load_adapter(adapter)
         return cls(model, scheduler, allow_untrained=allow_untrained).to(device, dtype)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (+ the decoder in diffusers' format)."""
-        return self.model.save_pretrained(directory)
+    def save_pretrained(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (+ the decoder in diffusers' format);
+        a non-empty ``directory`` is replaced (atomically) only with ``overwrite=True``."""
+        return self.model.save_pretrained(directory, overwrite=overwrite)
 
     def load_adapter(self, directory: str | Path) -> "FoundationPipeline":
         """Put a LoRA adapter (a ``save_adapter`` folder, trained on this base) on the model."""
@@ -253,13 +254,13 @@ class FoundationPipeline:
         """L2-normalized text embeddings [B, E] in the shared space."""
         texts = texts_arg(texts)
         self._require("text")
-        return self.model.encode_text(texts).float()
+        return check_finite(self.model.encode_text(texts).float(), "text embeddings")
 
     @torch.no_grad()
     def embed_image(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
         """L2-normalized image embeddings [B, E] in the shared space."""
         self._require("image")
-        return self.model.encode_image(self._pixels(images)).float()
+        return check_finite(self.model.encode_image(self._pixels(images)).float(), "image embeddings")
 
     @torch.no_grad()
     def classify(
@@ -269,12 +270,13 @@ class FoundationPipeline:
         over ``templates`` (a prompt ensemble, e.g. ``("a {}", "a picture of a {}")``)."""
         if isinstance(labels, str) or not labels or not all(isinstance(x, str) for x in labels):
             raise ValueError(f"labels must be a non-empty list of strings, got {labels!r}")
+        templates = check_templates(templates)
         self._require("text", "image")
         if unseen := self.unseen_words([t.format(label) for t in templates for label in labels]):
             warnings.warn(unseen_message(unseen), UnseenWordsWarning, stacklevel=2)
         classes = zero_shot_weights(self.model, class_prompts(labels, templates))
         logits = self.model.encoders.logit_scale.exp() * self.embed_image(images) @ classes.T
-        return logits.softmax(dim=-1)
+        return check_finite(logits.softmax(dim=-1), "class probabilities")
 
     def classify_few_shot(
         self, images: ImageInput | Sequence[ImageInput], support: Sequence[ImageInput], support_labels: Sequence[int],
@@ -317,7 +319,7 @@ class FoundationPipeline:
         (``max_new_tokens=16``), beam search with ``num_beams > 1``, sampling with
         ``do_sample=True`` and ``temperature`` / ``top_k`` / ``top_p`` (seeded by ``generator``),
         ``min_new_tokens``, ``use_cache=False`` for the reference path without the KV cache."""
-        args = GenerationArgs(**options)
+        args = GenerationArgs.from_options(options)
         self._language("text", "image")  # the head reads the text tower's states too
         states = self.model.image_tokens(self._pixels(images))  # [B, 1 + N, Wi]
         return self._generate([[self.model.tokenizer.sot_token_id]] * states.shape[0], states, args, generator)
@@ -332,7 +334,7 @@ class FoundationPipeline:
     ) -> list[str]:
         """Each text continued (returned whole: prompt + continuation); text-only, or about
         ``images`` (one per text) when given. ``options`` as for ``caption``."""
-        args = GenerationArgs(**options)
+        args = GenerationArgs.from_options(options)
         texts = texts_arg(texts)  # (images alone: caption())
         self._language("text", *(["image"] if images is not None else []))
         states = None
@@ -370,13 +372,13 @@ class FoundationPipeline:
             if states.shape[0] != 1:
                 raise ValueError(f"image: score takes one image, got {states.shape[0]}")
             states = states.expand(len(texts), -1, -1)
-        return token_log_likelihood(model.language_logits(tokens[:, :-1], states), tokens)  # [T]
+        return check_finite(token_log_likelihood(model.language_logits(tokens[:, :-1], states), tokens), "text scores")  # [T]
 
     @torch.no_grad()
     def retrieve(self, query: str, images: Sequence[ImageInput], top_k: int = 5) -> list[tuple[int, float]]:
         """Indices and cosine similarities of the ``top_k`` images closest to ``query``."""
-        if top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        if not is_int(top_k) or top_k < 1:
+            raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
         sims = (self.embed_image(images) @ self.embed_text(query).T).squeeze(1)
         values, indices = sims.topk(min(top_k, sims.numel()))
         return [(int(i), float(v)) for i, v in zip(indices, values)]

@@ -11,10 +11,19 @@ DEFAULT_TEMPLATES = ("a {}", "a picture of a {}", "an image of a {}", "a drawing
 
 def check_templates(templates: Sequence[str], name: str = "templates") -> list[str]:
     """A non-empty list of strings that each contain ``{}``; an error names ``name`` otherwise."""
-    templates = list(templates)
-    if not templates or not all(isinstance(t, str) and "{}" in t for t in templates):
-        raise ValueError(f"{name} must be a non-empty list of strings that each contain '{{}}', got {templates}")
+    templates = [templates] if isinstance(templates, str) else list(templates) if isinstance(templates, (list, tuple)) else []
+    if not templates or not all(isinstance(t, str) and "{}" in t and _fills(t) for t in templates):
+        raise ValueError(f"{name} must be a non-empty list of strings that each contain '{{}}' (and no other "
+                         f"braces; write {{{{ }}}} for a literal brace), got {templates}")
     return templates
+
+
+def _fills(template: str) -> bool:
+    try:
+        template.format("x")
+    except (KeyError, IndexError, ValueError):
+        return False
+    return True
 
 
 def class_prompts(classes: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[list[str]]:

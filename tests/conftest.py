@@ -50,6 +50,47 @@ def scaled_config(tmp_path: Path, source: Path, every_n: int = 2, model: dict | 
     return path
 
 
+FOLDER = ROOT / "assets" / "configs" / "folder.yaml"
+SMALL = {"overrides": {"image": {"image_size": 16, "patch_size": 8}, "decoder": {"image_size": 16}, "sampling": {"steps": 2}}}
+
+
+def folder_config(tmp_path: Path, data: dict | None = None, **trainer) -> Path:
+    """``folder.yaml`` scaled down (16-pixel tiny model, 4 steps) with ``data`` options."""
+    path = scaled_config(tmp_path, FOLDER, model=SMALL, **trainer)
+    cfg = yaml.safe_load(path.read_text())
+    for cb in cfg["trainer"]["callbacks"]:
+        if cb["class_path"].startswith("train.report."):
+            cb["init_args"] = {"num_images": 8}
+    cfg["data"].update(data or {})
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def image_folder(root: Path, n: int, captions: bool) -> Path:
+    """``n`` 16-pixel images, with a same-name .txt caption each when ``captions``."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (16, 16), (i * 20 % 255, 0, 0)).save(root / f"{i}.png")
+        if captions:
+            (root / f"{i}.txt").write_text(f"a red square number {i}")
+    return root
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> Path:
+    """A tar shard with these members, in this order (webdataset groups neighbours by key)."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
 def assert_same_computation(actual: torch.Tensor, expected: torch.Tensor, reduction: int, depth: int = 1) -> None:
     """The two results differ only by floating-point summation order (another kernel, another
     sequence length, another library's layout). Such differences grow like eps(dtype) *

@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import pickle
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from multimodal.cli import main
 from train.data import FIXED, SKIPPED, FoundationDataModule, collate
 from train.shapes import generate
 
-from conftest import ALIGN, scaled_config
+from conftest import ALIGN, scaled_config, write_tar
 
 MAX_PIXELS = 128 * 128
 
@@ -137,12 +136,6 @@ def test_folder_source_skips_and_counts_bad_samples(tmp_path, caplog):
     _check(report, good, counts, caplog)
 
 
-def _tar(path: Path, members: dict[str, bytes]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def test_webdataset_source_skips_counts_and_never_unpickles(tmp_path, caplog):
@@ -164,12 +157,12 @@ def test_webdataset_source_skips_counts_and_never_unpickles(tmp_path, caplog):
     shards = tmp_path / "shards"
     shards.mkdir()
     for i, m in enumerate(members):
-        _tar(shards / f"train-{i:03d}.tar", m)
+        write_tar(shards / f"train-{i:03d}.tar", m)
     val = {}
     for i in range(8):
         img, caption, _ = generate(0, "val", i)
         val[f"v{i}.png"], val[f"v{i}.txt"] = _png(img), caption.encode()
-    _tar(shards / "val-000.tar", val)
+    write_tar(shards / "val-000.tar", val)
     counts = {**counts, "missing_caption": 1}
     report = _fit(tmp_path, source="webdataset", path=f"{shards}/train-{{000..001}}.tar",
                   val_path=shards / "val-000.tar", num_workers=2, shuffle_buffer=0)
@@ -234,7 +227,7 @@ def test_fit_without_a_validation_split_still_exports(tmp_path, capsys):
     for i in range(16):
         img, caption, _ = generate(0, "train", i)
         members[f"s{i:02d}.png"], members[f"s{i:02d}.txt"] = _png(img), caption.encode()
-    _tar(tmp_path / "train-000.tar", members)
+    write_tar(tmp_path / "train-000.tar", members)
     cfg = scaled_config(tmp_path, ALIGN, max_steps=2, limit_val_batches=0)
     assert main(["fit", "--config", str(cfg), "--data.source", "webdataset", "--data.path", str(tmp_path / "train-000.tar"),
                  "--data.batch_size", "8", "--data.shuffle_buffer", "0"]) == 0

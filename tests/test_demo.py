@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -118,6 +119,82 @@ def test_oversized_upload_is_refused(demo, tmp_path):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request)
     assert refused.value.code == 413
+
+
+def _multipart(files: dict[str, bytes]) -> tuple[bytes, str]:
+    boundary = "----multimodaltest"
+    body = io.BytesIO()
+    for name, data in files.items():
+        body.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+                   "Content-Type: image/png\r\n\r\n".encode())
+        body.write(data + b"\r\n")
+    body.write(f"--{boundary}--\r\n".encode())
+    return body.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+def _upload(url: str, files: dict[str, bytes]) -> list[str]:
+    body, content_type = _multipart(files)
+    request = urllib.request.Request(f"{url}gradio_api/upload", data=body, method="POST", headers={"Content-Type": content_type})
+    with urllib.request.urlopen(request) as response:
+        return __import__("json").loads(response.read())
+
+
+def test_a_huge_image_under_the_size_limit_is_refused_before_decoding(client, tmp_path):
+    from test_hardening_inputs import huge_png
+
+    bomb = huge_png(tmp_path / "bomb.png", 13000, 13000)
+    assert bomb.stat().st_size < 100_000  # under this demo's upload limit
+    for api, args in (("/classify", ("a, b",)), ("/caption", (1,))):
+        with pytest.raises(Exception, match=r"image: bomb.png is 13000x13000 = 169000000 pixels, more than the 16777216 allowed \(refused before decoding\)") as err:
+            client.predict(gradio_client.handle_file(str(bomb)), *args, api_name=api)
+        assert "/" not in str(err.value)  # no server path
+    with pytest.raises(Exception, match="upload: bomb.png is 13000x13000"):
+        client.predict("a red shape", [gradio_client.handle_file(str(bomb))], 1, api_name="/search")
+
+
+def test_errors_never_show_a_server_path(client, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    for api, args in (("/classify", ("a, b",)), ("/caption", (1,))):
+        with pytest.raises(Exception) as err:
+            client.predict(gradio_client.handle_file(str(broken)), *args, api_name=api)
+        message = str(err.value)
+        assert "broken.png" in message and "/" not in message and str(Path.cwd()) not in message, message
+
+
+def test_more_files_than_allowed_in_one_upload_are_refused(demo):
+    tiny = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(tiny, format="PNG")
+    files = {f"{i}.png": tiny.getvalue() for i in range(LIMITS.max_uploads + 1)}
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        _upload(demo.local_url, files)
+    assert refused.value.code == 413 and b"at most 16 files per upload" in refused.value.read()
+    assert len(_upload(demo.local_url, dict(list(files.items())[:2]))) == 2
+
+
+def test_security_headers_and_no_analytics(demo):
+    with urllib.request.urlopen(demo.local_url) as response:
+        headers = response.headers
+    assert headers["X-Frame-Options"] == "DENY" and headers["X-Content-Type-Options"] == "nosniff"
+    assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+    assert demo.analytics_enabled is False
+
+
+def test_uploads_are_deleted_after_their_time(tmp_path):
+    folder = tmp_path / "model"
+    FoundationModel(FoundationConfig.from_preset("tiny")).save_pretrained(folder)
+    app = launch(folder, port=None, limits=DemoLimits(upload_max_age_s=1, upload_check_s=1), prevent_thread_lock=True, quiet=True)
+    try:
+        tiny = io.BytesIO()
+        Image.new("RGB", (4, 4)).save(tiny, format="PNG")
+        (path,) = _upload(app.local_url, {"a.png": tiny.getvalue()})
+        assert Path(path).is_file()
+        deadline = time.monotonic() + 30
+        while Path(path).exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not Path(path).exists()
+    finally:
+        app.close()
 
 
 def test_twenty_concurrent_generate_calls_complete(client):

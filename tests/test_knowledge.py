@@ -20,7 +20,7 @@ def test_generate_warns_about_words_the_shipped_model_never_saw(tmp_path, capsys
     out = str(tmp_path / "x.png")
     assert main(["generate", "a cat", "--steps", "2", "--out", out]) == 0
     assert "never saw 'cat'" in capsys.readouterr().err
-    assert main(["generate", "a large red circle", "--steps", "2", "--out", out]) == 0
+    assert main(["generate", "a large red circle", "--steps", "2", "--out", out, "--overwrite"]) == 0
     assert "never saw" not in capsys.readouterr().err
 
 
@@ -91,7 +91,7 @@ def test_record_and_vocabulary_round_trip_and_are_checked(tmp_path, tiny_model):
     assert loaded.config.training.steps == {"text": 3, "image": 0, "decoder": 0, "language": 0}
     assert loaded.vocabulary == frozenset({1, 2, 3}) == load_vocabulary(tmp_path)
     tiny_model.vocabulary = None  # a later model without a vocabulary does not inherit the old file
-    tiny_model.save_pretrained(tmp_path)
+    tiny_model.save_pretrained(tmp_path, overwrite=True)
     assert load_vocabulary(tmp_path) is None
     with pytest.raises(ValueError, match="training.steps keys"):
         TrainingRecord(steps={"unet": 1})

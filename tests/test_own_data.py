@@ -6,38 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
-
 import pytest
-import yaml
 from PIL import Image
 
-from conftest import ROOT, scaled_config
+from conftest import folder_config, image_folder
 from multimodal.cli import main
 from multimodal.datasets import write_digits
-
-FOLDER = ROOT / "assets" / "configs" / "folder.yaml"
-SMALL = {"overrides": {"image": {"image_size": 16, "patch_size": 8}, "decoder": {"image_size": 16}, "sampling": {"steps": 2}}}
-
-
-def _config(tmp_path: Path, data: dict | None = None, **trainer) -> Path:
-    path = scaled_config(tmp_path, FOLDER, model=SMALL, **trainer)
-    cfg = yaml.safe_load(path.read_text())
-    for cb in cfg["trainer"]["callbacks"]:
-        if cb["class_path"].startswith("train.report."):
-            cb["init_args"] = {"num_images": 8}
-    cfg["data"].update(data or {})
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def _folder(root: Path, n: int, captions: bool) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        Image.new("RGB", (16, 16), (i * 20 % 255, 0, 0)).save(root / f"{i}.png")
-        if captions:
-            (root / f"{i}.txt").write_text(f"a red square number {i}")
-    return root
 
 
 @pytest.mark.parametrize("case, data, message", [
@@ -48,13 +22,13 @@ def _folder(root: Path, n: int, captions: bool) -> Path:
 ])
 def test_data_that_cannot_train_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch, case, data, message):
     monkeypatch.chdir(tmp_path)
-    folder = _folder(tmp_path / "images", data["n"], data["captions"])
+    folder = image_folder(tmp_path / "images", data["n"], data["captions"])
     extra = {"source": "folder", "path": str(folder)}
     if "image_size" in data:
         extra["image_size"] = data["image_size"]
     if data.get("val_empty"):
-        extra["val_path"] = str(_folder(tmp_path / "val", 4, captions=False))
-    config = _config(tmp_path, extra)
+        extra["val_path"] = str(image_folder(tmp_path / "val", 4, captions=False))
+    config = folder_config(tmp_path, extra)
     before = set(os.listdir(tmp_path))
     assert main(["fit", "--config", str(config)]) == 2
     err = capsys.readouterr().err
@@ -64,8 +38,8 @@ def test_data_that_cannot_train_is_refused_before_anything_is_written(tmp_path, 
 
 def test_small_data_prints_its_counts_at_most_once_a_minute(tmp_path, caplog, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    folder = _folder(tmp_path / "images", 40, captions=True)
-    config = _config(tmp_path, {"source": "folder", "path": str(folder), "batch_size": 16}, max_steps=8, val_check_interval=8)
+    folder = image_folder(tmp_path / "images", 40, captions=True)
+    config = folder_config(tmp_path, {"source": "folder", "path": str(folder), "batch_size": 16}, max_steps=8, val_check_interval=8)
     with caplog.at_level("INFO"):
         assert main(["fit", "--config", str(config)]) == 0
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data, epoch")]
@@ -80,7 +54,7 @@ def test_folder_recipe_trains_all_heads_records_them_and_evaluate_reports(tmp_pa
     assert counts == {"train": 1437, "val": 360}
     data = {"source": "folder", "path": str(tmp_path / "digits/train"), "val_path": str(tmp_path / "digits/val"),
             "image_size": 16, "val_batch_size": 64}
-    config = _config(tmp_path, data, max_steps=3, val_check_interval=3)
+    config = folder_config(tmp_path, data, max_steps=3, val_check_interval=3)
     assert main(["fit", "--config", str(config)]) == 0
     link = tmp_path / "runs/folder/model"
     assert link.is_symlink() and link.resolve() == (tmp_path / "runs/folder/version_0/model").resolve()

@@ -128,6 +128,10 @@ class ExportModel(Callback):
     @torch.no_grad()
     def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         out_dir = Path(trainer.log_dir or ".")  # a collective call (broadcast): every rank makes it
+        if trainer.global_step == 0:  # nothing trained: no model that looks like one, no link moved to it
+            if trainer.is_global_zero:
+                print("no training step ran: nothing exported", flush=True)
+            return
         from multimodal.card import describe_data, lora_summary, model_card
 
         dm = trainer.datamodule

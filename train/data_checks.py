@@ -4,11 +4,15 @@ split, an image size the model does not have."""
 
 from __future__ import annotations
 
+import tarfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .samples import BadSample
+from .samples import DROPPED, FIXED, SKIPPED, BadSample
 
+WHY = {"bad_metadata": "could not be parsed: each must be a JSON object with file_name and text",
+       "outside_data_folder": "name a file outside the data folder (absolute or with ..): refused"}
 CAPTION_HELP = ("captions come from a metadata.jsonl ({\"file_name\": ..., \"text\": ...} per line), a metadata.csv "
                 "(file_name,text) or a same-name .txt file beside each image")
 
@@ -45,13 +49,17 @@ def check_trainable(dm: Any, image_size: int, world_size: int) -> None:
             f"decoder: {{image_size: {dm.image_size}}}}}' (image_size a multiple of image.patch_size)")
     if getattr(dm, "source", "shapes") == "shapes":
         return
+    if dm.source == "webdataset":
+        check_shards(dm.path, "data.path")
+        if dm.val_path:
+            check_shards(dm.val_path, "data.val_path")
     dm.setup("fit")
     where = f"data.path {dm.path}"
     counts = captioned(dm.train_set)
     if counts is not None:
         good, total = counts
-        bad = sum(1 for p, _ in getattr(dm.train_set, "records", []) if p is None)
-        unparsed = f" ({bad} metadata lines could not be parsed: each must be a JSON object with file_name and text)" if bad else ""
+        kinds = Counter(c.kind for p, c in getattr(dm.train_set, "records", []) if p is None)
+        unparsed = "".join(f" ({n} metadata lines {WHY[kind]})" for kind, n in sorted(kinds.items()))
         if total == 0:
             raise ValueError(f"{where}: no training images found{unparsed} (a folder of images with captions: {CAPTION_HELP})")
         if good == 0:
@@ -69,3 +77,50 @@ def check_trainable(dm: Any, image_size: int, world_size: int) -> None:
         what = f"data.val_path {dm.val_path}" if dm.val_path else f"the held-out data.val_fraction {dm.val_fraction} of {dm.path}"
         raise ValueError(f"no validation split possible: {what} has no image with a caption ({val[1]} images); pass "
                          f"--data.val_path with captioned images, or raise --data.val_fraction")
+
+
+def check_shards(urls: str, what: str) -> None:
+    """Every local tar shard named by ``urls`` (paths, brace patterns, several joined by ``::``)
+    must exist and hold at least one member: otherwise webdataset loops through empty epochs
+    forever (or, resampled, waits forever for a sample). Remote URLs are read as they stream."""
+    try:
+        from braceexpand import braceexpand
+    except ImportError:  # comes with webdataset; without it the source refuses anyway
+        braceexpand = lambda pattern: [pattern]  # noqa: E731
+    names = [name for pattern in urls.split("::") for name in braceexpand(pattern)]
+    for name in names:
+        if name.startswith("pipe:") or ("://" in name and not name.startswith("file://")):
+            continue
+        path = Path(name.removeprefix("file://"))
+        many = f" (one of the {len(names)} shards {urls} names)" if len(names) > 1 else ""
+        if not path.is_file():
+            raise ValueError(f"{what}: no tar shard at {name}{many}" + (" (a folder: name its .tar files, e.g. "
+                             f"{name.rstrip('/')}/shard-{{000..009}}.tar)" if path.is_dir() else ""))
+        try:
+            with tarfile.open(path) as tar:
+                first = tar.next()
+        except (tarfile.TarError, OSError) as err:
+            raise ValueError(f"{what}: {name} is not a tar file{many} ({err})") from None
+        if first is None:
+            raise ValueError(f"{what}: {name} is an empty tar file{many}: nothing to train on")
+
+
+# Batches in a row without one usable sample after which training stops (endless bad data,
+# e.g. resampled shards that all fail, would otherwise "train" on nothing forever).
+MAX_EMPTY_BATCHES = 100
+
+
+def nothing_usable(counts: dict[str, int], span: str) -> str:
+    """The message for training that found no usable sample in ``span``: what was skipped."""
+    skipped = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()) if n and kind != "used") or "no sample at all"
+    return (f"no usable training sample in {span} (skipped: {skipped}): nothing can train, so the run stops "
+            "before saving anything. Check data.path: images must be readable files inside the data folder, "
+            "each with a non-empty UTF-8 caption")
+
+
+def report_line(totals: dict[str, int], epochs: list[int]) -> str:
+    """One line of used / skipped / fixed sample counts over ``epochs``."""
+    skipped = ", ".join(f"{totals[k]} {k}" for k in SKIPPED + DROPPED if totals.get(k)) or "none"
+    fixed = ", ".join(f"{totals[k]} {k}" for k in FIXED if totals.get(k)) or "none"
+    span = f"epoch {epochs[0]}" if len(epochs) == 1 else f"epochs {epochs[0]}-{epochs[-1]}"
+    return f"data, {span}: {totals.get('used', 0)} samples used; skipped: {skipped}; fixed: {fixed}"

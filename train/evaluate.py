@@ -10,11 +10,12 @@ from typing import Any
 
 import torch
 
+from multimodal.folders import check_target, write_folder
 from multimodal.model import FoundationModel
 
 from .data import FoundationDataModule
 from .evaluation import ValidationData
-from .report import (FEATURES_NOTE, REPORT_FILES, alignment_metrics, caption_metrics, class_reader, generation_metrics,
+from .report import (FEATURES_NOTE, alignment_metrics, caption_metrics, class_reader, generation_metrics,
                      labeled_training_images, summary_for, top_captions, write_report)
 
 
@@ -53,13 +54,7 @@ def run_evaluate(model_dir: str, data: str, out: str, train_data: str | None = N
                  limit: int | None = None, overwrite: bool = False, batch_size: int = 128) -> dict[str, float]:
     from multimodal import scores
 
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out: {out_dir} is a file; give a folder for the report")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ValueError(f"--out: {out_dir} exists and is not empty; choose another folder or pass --overwrite")
-    for name in REPORT_FILES if overwrite else ():  # an earlier report's files would mix with this one's
-        (out_dir / name).unlink(missing_ok=True)
+    out_dir = check_target(out, overwrite, "--out")  # before any work; replaced as a whole at the end
     if not Path(data).is_dir():
         raise FileNotFoundError(f"--data: no folder at {data} (an image folder with captions: metadata.jsonl, metadata.csv or .txt files)")
     if limit is not None and limit < 4:
@@ -107,9 +102,11 @@ def run_evaluate(model_dir: str, data: str, out: str, train_data: str | None = N
                       or any(k.split(" ")[0] in m for m in metrics)}
     if n < 10:
         about["notes"]["few images"] = f"only {n} validation images: every figure here is very noisy"
-    files = write_report(out_dir, metrics, about, split, made, fake, real, top_captions(split))
+    files: list[Path] = []
+    write_folder(out_dir, lambda folder: files.extend(write_report(folder, metrics, about, split, made, fake, real, top_captions(split))),
+                 overwrite, "--out")
     print(format_table(metrics))
-    print("wrote " + ", ".join(str(f) for f in files))
+    print("wrote " + ", ".join(str(out_dir / Path(f).name) for f in files))
     return metrics
 
 

@@ -25,6 +25,7 @@ from multimodal.losses import FoundationLoss
 from multimodal.model import FoundationModel
 
 from .data import DROPPED, FIXED, SKIPPED
+from .data_checks import MAX_EMPTY_BATCHES, nothing_usable, report_line
 from .evaluation import SplitInfo, ValidationData
 from .init import OPEN_CLIP_PREFIX, add_training_adapter, init_source, load_matching_weights, with_encoder_fields
 from .optim import adamw_cosine
@@ -137,7 +138,7 @@ class FoundationModule(L.LightningModule):
         # not a buffer (DDP would overwrite every rank's with rank 0's): merged over ranks each step, in checkpoints
         self.seen_tokens = torch.zeros(self.model.tokenizer.vocab_size, dtype=torch.uint8)
         self.seen_tokens[list(base_vocab or [])] = 1
-        self.skipped_steps = 0
+        self.skipped_steps, self._empty_batches = 0, 0
         self.data_issues: Counter = Counter()  # this epoch's skipped / fixed samples, by kind
         self._report, self._report_epochs, self._last_report = Counter(), [], -math.inf  # printed data counts
         self.samples_seen = 0
@@ -175,8 +176,12 @@ class FoundationModule(L.LightningModule):
         self.data_issues.update(batch.pop("data_issues", None) or {})
         batch = self._even_batch(batch)
         bs = batch["image"].shape[0]
-        if bs == 0:  # every sample of the batch was bad (counted above)
+        if bs == 0:  # every sample of the batch was bad (counted above); endless bad data stops
+            self._empty_batches += 1
+            if self._empty_batches >= MAX_EMPTY_BATCHES:
+                raise ValueError(nothing_usable(self.data_issues, f"{MAX_EMPTY_BATCHES} batches in a row"))
             return None
+        self._empty_batches = 0
         self.samples_seen += bs
         self.data_issues["truncated_caption"] += sum(self.model.tokenizer.overflows(batch["caption"]))
         tokens = self.model.tokenize(batch["caption"])  # once: the vocabulary and the forward share it
@@ -306,6 +311,8 @@ class FoundationModule(L.LightningModule):
         if self.trainer.world_size > 1:
             counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
         totals = dict(zip(kinds, (int(c) for c in counts)))
+        if totals["used"] == 0:  # every rank: the totals are summed over ranks
+            raise ValueError(nothing_usable(totals, f"epoch {self.current_epoch}"))
         self.log_dict({f"data/{k}": float(v) for k, v in totals.items()}, rank_zero_only=True)
         self.data_issues.clear()
         self.samples_seen = 0
@@ -315,14 +322,9 @@ class FoundationModule(L.LightningModule):
             self.print_data_report()
 
     def print_data_report(self) -> None:
-        if not self._report_epochs:
-            return
-        totals, epochs = self._report, self._report_epochs
-        skipped = ", ".join(f"{totals[k]} {k}" for k in SKIPPED + DROPPED if totals[k]) or "none"
-        fixed = ", ".join(f"{totals[k]} {k}" for k in FIXED if totals[k]) or "none"
-        span = f"epoch {epochs[0]}" if len(epochs) == 1 else f"epochs {epochs[0]}-{epochs[-1]}"
-        rank_zero_info(f"data, {span}: {totals['used']} samples used; skipped: {skipped}; fixed: {fixed}")
-        self._report, self._report_epochs, self._last_report = Counter(), [], time.monotonic()
+        if self._report_epochs:
+            rank_zero_info(report_line(self._report, self._report_epochs))
+            self._report, self._report_epochs, self._last_report = Counter(), [], time.monotonic()
 
     def on_train_end(self) -> None:
         self.print_data_report()

@@ -189,7 +189,6 @@ def labeled_training_images(dm: Any, limit: int = MAX_CLASSIFIER_IMAGES) -> tupl
 
 
 # ---- the report -----------------------------------------------------------------------------------
-REPORT_FILES = ("report.json", "report.md", "captions.png", "generated.png")
 FEATURES_NOTE = {
     "own": "the evaluated model's own image tower (unit embeddings); comparable between runs of one model only",
     "inception": "Inception-v3 pool features from the given weights file (comparable with published FIDs only at their image size and count)",

@@ -5,24 +5,21 @@ inference (``multimodal.preprocess``)."""
 
 from __future__ import annotations
 
-import io
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data._utils.collate import default_collate
 
 from multimodal.files import IMAGE_SUFFIXES
-from multimodal.preprocess import preprocess
+from multimodal.preprocess import ImageError, open_image, preprocess
 
 IMAGE_EXTENSIONS = tuple(s.lstrip(".") for s in IMAGE_SUFFIXES)  # webdataset member keys: no dot
 TEXT_EXTENSIONS = ("txt", "text", "caption")
 # What the checks count. Skipped: the sample is dropped. Fixed: the sample is used, repaired.
 SKIPPED = (
-    "missing_image", "not_an_image", "unreadable_image", "too_many_pixels",
+    "missing_image", "not_a_file", "outside_data_folder", "not_an_image", "unreadable_image", "too_many_pixels",
     "missing_caption", "empty_caption", "caption_not_utf8", "bad_metadata",
 )
 FIXED = ("converted_mode", "truncated_caption")
@@ -40,36 +37,22 @@ class BadSample(Exception):
 
 # ---- one sample ----------------------------------------------------------------------------------
 def load_image(source: bytes | str | Path, size: int, max_pixels: int, random_crop: bool = False) -> tuple[torch.Tensor, bool]:
-    """Decode, check and transform one image: (tensor [3, size, size] in [0, 1], converted?).
-
-    The pixel count is checked from the header before any pixel is decoded (decompression
-    bombs); the shorter side is resized to ``size`` (bicubic), then a center (or random) crop."""
+    """Decode, check and transform one image (``multimodal.preprocess``: the pixel count is
+    checked from the header before any pixel is decoded; pipes and devices are refused):
+    (tensor [3, size, size] in [0, 1], converted?)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-    except FileNotFoundError as err:
-        raise BadSample("missing_image", str(source)) from err
-    except UnidentifiedImageError as err:
-        raise BadSample("not_an_image", str(err)) from err
-    except Image.DecompressionBombError as err:
-        raise BadSample("too_many_pixels", str(err)) from err
-    except (OSError, SyntaxError, ValueError) as err:
-        raise BadSample("unreadable_image", str(err)) from err
-    with img:
-        if img.width * img.height > max_pixels:
-            raise BadSample("too_many_pixels", f"{img.width}x{img.height} > data.max_pixels={max_pixels}")
-        try:
-            img.load()
-        except (OSError, SyntaxError, ValueError, EOFError) as err:  # truncated or corrupt data
-            raise BadSample("unreadable_image", str(err)) from err
+        img = open_image(source, max_pixels)
         return preprocess(img, size, random_crop), img.mode != "RGB"
+    except ImageError as err:
+        raise BadSample(err.kind, str(err)) from err
 
 
-def read_caption(raw: bytes | str | None) -> str:
+def read_caption(raw: bytes | str | BadSample | None) -> str:
     """A caption as text: bytes must be UTF-8; whitespace is collapsed; empty is refused."""
     if raw is None:
         raise BadSample("missing_caption")
+    if isinstance(raw, BadSample):  # a caption file that could not be read (e.g. a pipe)
+        raise raw
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")

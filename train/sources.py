@@ -13,39 +13,65 @@ from typing import Any, Iterable
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
+from multimodal.files import read_regular
+
 from .samples import BadSample, IMAGE_EXTENSIONS, SampleReader
 
 # ---- map-style sources ------------------------------------------------------------------------------
-def _read_text_file(path: Path) -> bytes | None:
+MAX_CAPTION_BYTES = 1 << 20  # a caption file larger than this is not a caption
+MAX_METADATA_BYTES = 1 << 31
+
+
+def _read_text_file(path: Path) -> bytes | BadSample | None:
+    """A caption file's bytes; None when there is none; a regular file only (a pipe would hang)."""
     try:
-        return path.read_bytes()
+        return read_regular(path, MAX_CAPTION_BYTES)
     except FileNotFoundError:
         return None
+    except (OSError, ValueError):
+        return BadSample("not_a_file", str(path))
+
+
+def inside(root: Path, name: Any) -> Path | BadSample:
+    """``root / name`` for a metadata ``file_name``, which must be a relative path that stays
+    inside ``root`` (no absolute path, no ``..``): a data set never reads files outside its folder."""
+    if not isinstance(name, str) or not name:
+        return BadSample("bad_metadata", f"file_name {name!r}")
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts or relative.drive:
+        return BadSample("outside_data_folder", name)
+    return root / relative
+
+
+def _record(root: Path, name: Any, caption: Any) -> tuple[Any, Any]:
+    path = inside(root, name)
+    return (None, path) if isinstance(path, BadSample) else (path, caption)
 
 
 def folder_records(root: Path) -> list[tuple[Any, Any]]:
     """(image path, caption) records of a folder, from ``metadata.jsonl``, else ``metadata.csv``,
-    else a same-name ``.txt`` per image (read lazily as bytes, so the UTF-8 check is per sample)."""
+    else a same-name ``.txt`` per image (read lazily as bytes, so the UTF-8 check is per sample).
+    A record whose file cannot be used (a ``file_name`` outside the folder, a metadata line
+    that does not parse) is (None, ``BadSample``): skipped and counted by kind."""
     jsonl, table = root / "metadata.jsonl", root / "metadata.csv"
     records: list[tuple[Any, Any]] = []
     if jsonl.is_file():
-        for line in jsonl.read_bytes().splitlines():
+        for line in read_regular(jsonl, MAX_METADATA_BYTES).splitlines():
             if not line.strip():
                 continue
             try:
                 row = json.loads(line.decode("utf-8", errors="surrogateescape"))
-                records.append((root / row["file_name"], row.get("text")))
-            except (ValueError, KeyError, TypeError):
+                records.append(_record(root, row["file_name"], row.get("text")))
+            except (ValueError, KeyError, TypeError, AttributeError):
                 records.append((None, BadSample("bad_metadata")))
         return records
     if table.is_file():
-        with table.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or "file_name" not in reader.fieldnames:
-                raise ValueError(f"data.path: {table} needs a 'file_name' column (and 'text'), found {reader.fieldnames}")
-            for row in reader:
-                name = row.get("file_name")
-                records.append((root / name if name else None, row.get("text")))
+        text = read_regular(table, MAX_METADATA_BYTES).decode("utf-8", errors="surrogateescape")
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if not reader.fieldnames or "file_name" not in reader.fieldnames:
+            raise ValueError(f"data.path: {table} needs a 'file_name' column (and 'text'), found {reader.fieldnames}")
+        for row in reader:
+            records.append(_record(root, row.get("file_name"), row.get("text")))
         return records
     images = sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and p.is_file())
     return [(p, p.with_suffix(".txt")) for p in images]
@@ -57,18 +83,20 @@ def folder_labels(root: Path) -> dict[Path, str]:
     labels: dict[Path, str] = {}
     jsonl, table = root / "metadata.jsonl", root / "metadata.csv"
     if jsonl.is_file():
-        for line in jsonl.read_bytes().splitlines():
+        rows = []
+        for line in read_regular(jsonl, MAX_METADATA_BYTES).splitlines():
             try:
-                row = json.loads(line.decode("utf-8", errors="surrogateescape"))
-                if row.get("label") not in (None, "") and row.get("file_name"):
-                    labels[root / row["file_name"]] = str(row["label"])
-            except (ValueError, AttributeError, TypeError):
+                rows.append(json.loads(line.decode("utf-8", errors="surrogateescape")))
+            except ValueError:
                 continue  # counted as bad_metadata by folder_records
     elif table.is_file():
-        with table.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
-            for row in csv.DictReader(f):
-                if row.get("label") not in (None, "") and row.get("file_name"):
-                    labels[root / row["file_name"]] = str(row["label"])
+        rows = list(csv.DictReader(io.StringIO(read_regular(table, MAX_METADATA_BYTES).decode("utf-8", errors="surrogateescape"), newline="")))
+    else:
+        rows = []
+    for row in rows:
+        path = inside(root, row.get("file_name")) if isinstance(row, dict) else None
+        if isinstance(path, Path) and row.get("label") not in (None, ""):
+            labels[path] = str(row["label"])
     return labels
 
 
@@ -88,7 +116,7 @@ class FolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, caption = self.records[index]
-        if isinstance(caption, BadSample):  # a metadata line that could not be parsed
+        if isinstance(caption, BadSample):  # a metadata line that could not be used (see folder_records)
             return {"bad": caption.kind}
         item = self.reader(image, folder_caption(caption))
         if self.labels is not None and "bad" not in item:

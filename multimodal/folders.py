@@ -1,0 +1,136 @@
+"""Writing folders a user keeps (models, adapters, reports, data sets) without ever losing one.
+
+``write_folder`` is the one way the project writes such a folder: a non-empty folder is replaced
+only with ``overwrite=True``, and then as a whole and atomically. The new folder is written
+beside the target under a hidden name (``.NAME.partial-PID-XXXX``) and swapped in with one
+``renameat2(RENAME_EXCHANGE)`` (Linux; elsewhere two renames), so a process killed at any moment
+leaves the target either as it was or complete, never half-written and never mixed (no stale
+shard of an old diffusers folder beside a new index). What a killed write leaves behind is only
+such a hidden folder of a process that no longer runs: the next write into the same target
+removes it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+_PARTIAL, _OLD = "partial", "old"
+
+
+def write_folder(target: str | Path, write: Callable[[Path], object], overwrite: bool = False, what: str = "out") -> Path:
+    """Run ``write(folder)`` on a fresh hidden folder beside ``target``, then put it in
+    ``target``'s place. ``what`` names the argument in errors (``--out``, ``directory``)."""
+    target = check_target(target, overwrite, what)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(target)
+    partial = _sibling(target, _PARTIAL)
+    partial.mkdir()
+    try:
+        write(partial)
+        _put_in_place(partial, target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return target
+
+
+def check_target(target: str | Path, overwrite: bool, what: str = "out") -> Path:
+    """The absolute target path (a link to a folder: the folder), or an error when writing
+    there would overwrite something without ``overwrite`` or cannot work. Call it before long
+    work, so that nothing is computed for a write that will be refused."""
+    target = Path(os.path.abspath(target))
+    if target.is_symlink() and target.is_dir():
+        target = target.resolve()
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{what}: {target.name} is a file, not a folder: give a folder path")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        names = sorted(p.name for p in target.iterdir())
+        shown = ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
+        raise FileExistsError(f"{what}: {target.name} is not empty ({shown}); pass overwrite=True (--overwrite) to replace "
+                              "it as a whole, or choose a new folder")
+    check_writable(target.parent, what)
+    return target
+
+
+def check_writable(folder: Path, what: str = "out") -> None:
+    """Make ``folder`` (and its parents) and prove a file can be written there (a nameless
+    temporary file: nothing stays behind), or raise ``PermissionError`` naming ``what``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise PermissionError(f"{what}: cannot write in {folder} ({err.strerror or err})") from None
+
+
+def remove_leftovers(target: Path) -> list[Path]:
+    """Remove the hidden folders that killed writes into ``target`` left behind (those of
+    processes that are no longer running)."""
+    removed = []
+    for path in target.parent.glob(f".{target.name}.*-*-*"):
+        kind, _, rest = path.name[len(target.name) + 2:].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind in (_PARTIAL, _OLD) and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _sibling(target: Path, kind: str) -> Path:
+    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _put_in_place(partial: Path, target: Path) -> None:
+    if not target.exists():
+        os.rename(partial, target)  # atomic; fails if another writer created it meanwhile
+        return
+    if not any(target.iterdir()):
+        os.rmdir(target)
+        os.rename(partial, target)
+        return
+    if _exchange(partial, target):  # partial now holds the old folder
+        shutil.rmtree(partial, ignore_errors=True)
+        return
+    old = _sibling(target, _OLD)  # no atomic exchange here: a short window without the target
+    os.rename(target, old)
+    os.rename(partial, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2``); False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    return False  # e.g. a file system without RENAME_EXCHANGE: the caller falls back

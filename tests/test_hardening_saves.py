@@ -1,0 +1,129 @@
+"""Nothing a user saved is overwritten without ``overwrite=True`` / ``--overwrite``, and then it
+is replaced as a whole and atomically: a SIGKILL at any moment leaves the old folder or the new
+one, loadable, and what a killed save leaves behind is removed by the next save (issue 16, item 7)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from multimodal import FoundationConfig, FoundationModel
+from multimodal.cli import main
+from multimodal.config import AdapterConfig
+
+
+def _model(value: float) -> FoundationModel:
+    model = FoundationModel(FoundationConfig.from_preset("tiny"))
+    with torch.no_grad():
+        model.encoders.logit_scale.fill_(value)  # which model a folder holds
+    return model
+
+
+def _which(folder: Path) -> float:
+    return round(float(FoundationModel.from_pretrained(folder).encoders.logit_scale), 3)
+
+
+def test_saving_into_a_users_folder_needs_overwrite_and_then_replaces_it_whole(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "README.md").write_text("my notes")
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"mine is not empty \(README.md, config.json\); pass overwrite=True"):
+        _model(1.0).save_pretrained(folder)
+    assert (folder / "README.md").read_text() == "my notes" and sorted(os.listdir(folder)) == ["README.md", "config.json"]
+    _model(1.0).save_pretrained(folder, overwrite=True)
+    # a stale diffusers shard of an earlier save would break diffusers' loading: the folder is replaced whole
+    (folder / "decoder" / "diffusion_pytorch_model-00001-of-00002.safetensors").write_bytes(b"stale")
+    _model(2.0).save_pretrained(folder, overwrite=True)
+    assert _which(folder) == 2.0 and not list(folder.rglob("*00001-of-00002*"))
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel.from_pretrained(folder / "decoder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temp folder left
+    with pytest.raises(FileExistsError, match="is a file, not a folder"):
+        _model(1.0).save_pretrained(folder / "README.md")
+
+
+def test_adapters_merge_and_export_refuse_to_overwrite(tmp_path, capsys):
+    base = _model(1.0).save_pretrained(tmp_path / "base")
+    model = FoundationModel.from_pretrained(base).add_adapter(AdapterConfig(components=("text",), r=2))
+    adapter = model.save_adapter(tmp_path / "adapter", base_model=base)
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):
+        model.save_adapter(adapter, base_model=base)
+    model.save_adapter(adapter, base_model=base, overwrite=True)
+    weights = (base / "model.safetensors").read_bytes()
+    for out in (base, adapter):  # the merge's inputs are never its output
+        assert main(["merge", "--adapter", str(adapter), "--out", str(out), "--overwrite"]) == 2
+        assert "write the merged model to a new folder" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("keep")
+    assert main(["merge", "--adapter", str(adapter), "--out", str(other)]) == 2
+    assert "pass overwrite=True (--overwrite)" in capsys.readouterr().err and (other / "keep.txt").exists()
+    assert main(["merge", "--adapter", str(adapter), "--out", str(other), "--overwrite"]) == 0
+    assert not (other / "keep.txt").exists() and _which(other) == 1.0
+    assert (base / "model.safetensors").read_bytes() == weights
+
+
+POINTS = {"writing weights": 1.0, "before the swap": 1.0, "right after the swap": 2.0, "removing the old folder": 2.0}
+CHILD = textwrap.dedent("""
+    import os, pathlib, signal, sys
+    import torch
+    import multimodal.folders as folders
+    import multimodal.model as model_module
+    from multimodal import FoundationConfig, FoundationModel
+
+    die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+
+    def kill_at(point):
+        if point == "writing weights":  # half the file written, then killed
+            def save_file(state, path, metadata=None):
+                open(path, "wb").write(b"x" * 1000)
+                die()
+            model_module.save_file = save_file
+        elif point == "before the swap":
+            folders._put_in_place = lambda partial, target: die()
+        elif point == "right after the swap":
+            exchange = folders._exchange
+            folders._exchange = lambda a, b: (exchange(a, b), die())
+        elif point == "removing the old folder":
+            def rmtree(path, ignore_errors=False):
+                next(p for p in sorted(pathlib.Path(path).rglob("*")) if p.is_file()).unlink()
+                die()
+            folders.shutil.rmtree = rmtree
+
+    model = FoundationModel(FoundationConfig.from_preset("tiny"))
+    with torch.no_grad():
+        model.encoders.logit_scale.fill_(2.0)
+    for target, point in zip(sys.argv[1::2], sys.argv[2::2]):  # one forked process per point: one import
+        pid = os.fork()
+        if pid == 0:
+            kill_at(point)
+            model.save_pretrained(target, overwrite=True)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        print(point, os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL)
+""")
+
+
+def test_a_save_killed_at_any_point_leaves_a_loadable_folder(tmp_path):
+    targets = {point: tmp_path / str(i) / "model" for i, point in enumerate(POINTS)}
+    for target in targets.values():
+        _model(1.0).save_pretrained(target)
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    args = [str(x) for point, target in targets.items() for x in (target, point)]
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.count("True") == len(POINTS), result.stdout + result.stderr
+    for point, target in targets.items():
+        assert _which(target) == POINTS[point], point  # the old folder or the new one, whole
+        left = [p.name for p in target.parent.iterdir() if p.name != "model"]
+        assert all(n.startswith(".model.partial-") or n.startswith(".model.old-") for n in left), (point, left)
+        _model(3.0).save_pretrained(target, overwrite=True)  # the next save clears what the killed one left
+        assert _which(target) == 3.0 and [p.name for p in target.parent.iterdir()] == ["model"], point
