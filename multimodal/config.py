@@ -1,11 +1,12 @@
 """Every configuration of the project in one module: the model's component dataclasses, its
-recommended sampling settings, the named presets, the training stages, LoRA adapters, token
-generation and the demo's limits.
+recommended sampling settings, the training stages, LoRA adapters, token generation and the
+demo's limits (the named presets, plain dicts, are in ``multimodal.presets``).
 
 One style throughout: typed dataclasses that check themselves in ``__post_init__`` (an error
 names the field and the allowed range), composed (``FoundationConfig`` holds its parts, it does
 not inherit them), built from nested dicts by ``from_dict`` which names unknown keys. This
-module imports only the standard library, so every package can read it without cycles.
+module imports only the standard library (and its stdlib-only helpers), so every package can
+read it without cycles.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from .config_dicts import config_from_dict, merge_dicts
 from .files import read_regular
+from .presets import PRESETS
 
 __all__ = ["config_from_dict", "merge_dicts"]  # with every class below
 
@@ -256,34 +258,6 @@ class FoundationConfig:
     @classmethod
     def load(cls, path: str | Path) -> "FoundationConfig":
         return cls.from_dict(read_json(path))
-
-
-_HALF = (0.5, 0.5, 0.5)
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "embed_dim": 32,
-        "text": {"context_length": 16, "width": 32, "layers": 1, "heads": 2},
-        "image": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2, "mean": _HALF, "std": _HALF},
-        "decoder": {"block_out_channels": (32, 32), "attention_head_dim": 16, "norm_num_groups": 8},
-        "language": {"layers": 1, "heads": 2},
-    },
-    "shapes": {
-        "embed_dim": 128,
-        "text": {"context_length": 16, "width": 128, "layers": 2, "heads": 4},
-        "image": {"image_size": 32, "patch_size": 8, "width": 128, "layers": 3, "heads": 4, "mean": _HALF, "std": _HALF},
-        "decoder": {
-            "block_out_channels": (32, 64), "attention_head_dim": 32,
-            "beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction", "min_snr_gamma": 5.0,
-        },
-        "language": {"layers": 2, "heads": 4},
-    },
-    "base": {  # ViT-B/16 image tower, CLIP text tower
-        "embed_dim": 512,
-        "text": {"context_length": 77, "width": 512, "layers": 12, "heads": 8},
-        "image": {"image_size": 224, "patch_size": 16, "width": 768, "layers": 12, "heads": 12},
-        "language": {"layers": 12, "heads": 8},  # CoCa-Base's multimodal text decoder
-    },
-}
 
 
 @dataclass
