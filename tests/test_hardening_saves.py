@@ -112,6 +112,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # four killed processes (one import, forked): ~13 s
 def test_a_save_killed_at_any_point_leaves_a_loadable_folder(tmp_path):
     targets = {point: tmp_path / str(i) / "model" for i, point in enumerate(POINTS)}
     for target in targets.values():
