@@ -75,7 +75,8 @@ def _metadata_folder(root: Path, n: int, extra_rows: list[dict]) -> Path:
     for i in range(n):
         Image.new("RGB", (16, 16), (200, i * 10, 0)).save(root / f"{i}.png")
         rows.append({"file_name": f"{i}.png", "text": f"an orange square {i}"})
-    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows + extra_rows) + "\n")
+    lines = [json.dumps(r) if isinstance(r, dict) else r for r in rows + extra_rows]
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return root
 
 
@@ -197,3 +198,15 @@ def test_truncated_checkpoints_and_bad_trainer_values_are_one_line_errors(tmp_pa
     assert "`max_steps` must be a non-negative integer or -1" in capsys.readouterr().err
     assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_one_good_metadata_line_among_bad_ones_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """The red-team case: one usable line trained 0 steps and exported an untrained model."""
+    monkeypatch.chdir(tmp_path)
+    folder = _metadata_folder(tmp_path / "data", 1, [{"file_name": "/etc/passwd", "text": "x"}, "not json"])
+    config = folder_config(tmp_path, {"source": "folder", "path": str(folder), "val_path": str(folder)})
+    assert main(["fit", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert ("1 training samples with captions (1 metadata lines could not be parsed: each must be a JSON object with file_name "
+            "and text) (1 metadata lines name a file outside the data folder (absolute or with ..): refused), fewer than one batch") in err, err
+    assert not (tmp_path / "runs").exists()

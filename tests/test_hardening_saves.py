@@ -69,6 +69,11 @@ def test_adapters_merge_and_export_refuse_to_overwrite(tmp_path, capsys):
     assert main(["merge", "--adapter", str(adapter), "--out", str(other), "--overwrite"]) == 0
     assert not (other / "keep.txt").exists() and _which(other) == 1.0
     assert (base / "model.safetensors").read_bytes() == weights
+    ckpt = tmp_path / "run.ckpt"
+    torch.save({"state_dict": {}}, ckpt)
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(base)]) == 2  # refused before the checkpoint is read
+    assert "pass overwrite=True (--overwrite)" in capsys.readouterr().err
+    assert (base / "model.safetensors").read_bytes() == weights
 
 
 POINTS = {"writing weights": 1.0, "before the swap": 1.0, "right after the swap": 2.0, "removing the old folder": 2.0}

@@ -68,8 +68,8 @@ def check_trainable(dm: Any, image_size: int, world_size: int) -> None:
         need = dm.batch_size * world_size
         if good < need:
             raise ValueError(
-                f"{where}: {good} training samples with captions, fewer than one batch (data.batch_size {dm.batch_size} x "
-                f"{world_size} process(es) = {need}): lower --data.batch_size to at most {good // world_size or 1}, or add data")
+                f"{where}: {good} training samples with captions{unparsed}, fewer than one batch (data.batch_size {dm.batch_size} "
+                f"x {world_size} process(es) = {need}): lower --data.batch_size to at most {good // world_size or 1}, or add data")
     if dm.val_set is None:
         return  # webdataset without data.val_path: fit says that nothing was measured
     val = captioned(dm.val_set)
