@@ -104,9 +104,9 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from multimodal.folders import load_weights
 
-        return load_file(str(path))
+        return load_weights(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - report any refusal by name of the file

@@ -1,4 +1,5 @@
-"""Writing folders a user keeps (models, adapters, reports, data sets) without ever losing one.
+"""Model folders: reading their weights safely (``load_weights``) and writing folders a user
+keeps (models, adapters, reports, data sets) without ever losing one.
 
 ``write_folder`` is the one way the project writes such a folder: a non-empty folder is replaced
 only with ``overwrite=True``, and then as a whole and atomically. The new folder is written
@@ -23,6 +24,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 _PARTIAL, _OLD = "partial", "old"
+
+
+def load_weights(path: str | Path, device: str = "cpu") -> dict:
+    """The tensors of a safetensors file, or a ``ValueError`` naming the file: damaged or
+    foreign bytes, or NaN/inf values (a bad copy, a run that diverged) that would make every
+    answer NaN."""
+    import torch
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path), device=device)
+    except Exception as err:  # noqa: BLE001 - safetensors' own error type: a damaged or foreign file
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+    damaged = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if damaged:
+        raise ValueError(f"{path} holds NaN/inf values in {len(damaged)} tensor(s) (first: {damaged[0]}): the file is "
+                         "damaged, or was saved from a run that diverged")
+    return state
 
 
 def write_folder(target: str | Path, write: Callable[[Path], object], overwrite: bool = False, what: str = "out") -> Path:

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .config import AdapterConfig
 from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, WEIGHTS_NAME
-from .folders import write_folder
+from .folders import load_weights, write_folder
 
 if TYPE_CHECKING:
     from .model import FoundationModel
@@ -175,12 +175,7 @@ def load_adapter(model: "FoundationModel", directory: str | Path) -> AdapterConf
 
     directory = Path(directory)
     config = read_adapter_config(directory)
-    try:
-        state = load_file(str(directory / ADAPTER_WEIGHTS), device=str(model.pixel_mean.device))
-    except Exception as err:  # noqa: BLE001 - safetensors' own error type: a damaged or foreign file
-        raise ValueError(f"{directory / ADAPTER_WEIGHTS}: not a readable safetensors file ({err})") from None
-    if any(v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in state.values()):
-        raise ValueError(f"{directory / ADAPTER_WEIGHTS} holds NaN/inf values: the file is damaged")
+    state = load_weights(directory / ADAPTER_WEIGHTS, device=str(model.pixel_mean.device))
     add_adapter(model, config)
     parts = components(model)
     expected = adapter_state_dict(model)

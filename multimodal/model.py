@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from diffusion.decoder import Decoder, TextCondition
@@ -21,7 +21,7 @@ from encoders.tokenizer import Tokenizer
 
 from . import lora
 from .config import AdapterConfig, FoundationConfig, merge_dicts
-from .folders import write_folder
+from .folders import load_weights, write_folder
 from .files import CARD_NAME, CONFIG_NAME, DECODER_DIR, PICKLE_SUFFIXES, WEIGHTS_NAME
 from .knowledge import load_vocabulary, save_vocabulary
 from .language import LanguageHead
@@ -251,10 +251,7 @@ class FoundationModel(nn.Module):
             extra = f" (found {found}; pickle files are never loaded)" if found else ""
             raise ValueError(f"{directory} has no {WEIGHTS_NAME}{extra}")
         model = cls(FoundationConfig.load(directory / CONFIG_NAME))
-        try:
-            state = load_file(str(directory / WEIGHTS_NAME))
-        except Exception as err:  # noqa: BLE001 - safetensors' own error type: a damaged or foreign file
-            raise ValueError(f"{directory / WEIGHTS_NAME}: not a readable safetensors file ({err})") from None
+        state = load_weights(directory / WEIGHTS_NAME)
         missing = sorted(set(model.state_dict()) - set(state))
         unexpected = sorted(set(state) - set(model.state_dict()))
         if missing or unexpected:
@@ -263,10 +260,6 @@ class FoundationModel(nn.Module):
                 f"{directory}: {WEIGHTS_NAME} does not match {CONFIG_NAME} (missing: {show(missing) or 'none'}; "
                 f"unexpected: {show(unexpected) or 'none'})"
             )
-        damaged = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        if damaged:
-            raise ValueError(f"{directory / WEIGHTS_NAME} holds NaN/inf values in {len(damaged)} tensor(s) (first: {damaged[0]}): "
-                             "the file is damaged, or was saved from a run that diverged")
         model.load_state_dict(state, strict=True)
         model.vocabulary = load_vocabulary(directory)
         model.name_or_path = str(directory)  # where it came from (messages name it)

@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from safetensors.torch import load_file
 
 from multimodal import lora as lora_utils
 from multimodal.config import COMPONENTS, AdapterConfig, FoundationConfig
 from multimodal.files import WEIGHTS_NAME
+from multimodal.folders import load_weights
 from multimodal.model import FoundationModel
 
 OPEN_CLIP_PREFIX = "open_clip:"
@@ -38,7 +38,7 @@ def init_source(init_from: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
             f"model.init_from: {init_from} is neither a model folder with {WEIGHTS_NAME}, an open_clip checkpoint file, "
             f"nor {OPEN_CLIP_PREFIX}MODEL[:PRETRAINED]"
         )
-    return load_file(str(path / WEIGHTS_NAME)), None
+    return load_weights(path / WEIGHTS_NAME), None
 
 
 def with_encoder_fields(config: FoundationConfig, fields: dict[str, Any]) -> FoundationConfig:
