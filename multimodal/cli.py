@@ -5,6 +5,7 @@ shipped shapes model (``assets/models/shapes``) when ``--model`` is omitted."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -216,11 +217,12 @@ def _merge(args: argparse.Namespace) -> int:
     import torch
 
     from .card import lora_summary
+    from .files import read_regular
     from .folders import check_target
 
     out = check_target(args.out, args.overwrite, "--out")  # before loading anything
     for name, folder in (("--adapter", args.adapter), ("--model", args.model)):
-        if folder is not None and Path(folder).resolve() == out:
+        if folder is not None and _same(folder, out):
             raise ValueError(f"--out is the {name} folder {folder}: write the merged model to a new folder")
     pipe = _pipeline(args)
     adapter = pipe.model.adapter
@@ -229,14 +231,22 @@ def _merge(args: argparse.Namespace) -> int:
     card = None
     source_card = Path(args.adapter) / "README.md"
     if source_card.is_file():  # keep what the adapter's card says (data, metrics), and say it is merged now
-        card = source_card.read_text() + (f"\n\n## Merged\n\nThis folder is the adapter `{args.adapter}` merged into "
+        card = read_regular(source_card, 1 << 20).decode("utf-8", errors="replace") + (f"\n\n## Merged\n\nThis folder is the adapter `{args.adapter}` merged into "
                                           f"`{base}` with `multimodal merge`: a full model.{lora_summary(adapter, base)}")
     dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
-    if adapter.base_model and Path(adapter.base_model).resolve() == out:
+    if adapter.base_model and _same(adapter.base_model, out):
         raise ValueError(f"--out is the adapter's base model {adapter.base_model}: write the merged model to a new folder")
     pipe.model.save_pretrained(args.out, model_card=card, dtype=dtype, overwrite=args.overwrite)
     print(f"wrote {args.out} (the adapter merged into {base})")
     return 0
+
+
+def _same(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths are one folder (through links and relative parts)."""
+    try:
+        return Path(a).exists() and Path(b).exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _evaluate(args: argparse.Namespace) -> int:

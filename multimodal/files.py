@@ -42,9 +42,10 @@ def open_regular(path: str | os.PathLike[str]) -> io.BufferedReader:
 def read_regular(path: str | os.PathLike[str], limit: int | None = None) -> bytes:
     """The bytes of a regular file (``open_regular``), refusing files over ``limit`` bytes."""
     with open_regular(path) as f:
-        if limit is not None and os.fstat(f.fileno()).st_size > limit:
-            raise ValueError(f"{os.fspath(path)} is larger than {limit} bytes")
-        return f.read()
+        data = f.read() if limit is None else f.read(limit + 1)  # a file that grows is bounded too
+    if limit is not None and len(data) > limit:
+        raise ValueError(f"{os.fspath(path)} is larger than {limit} bytes")
+    return data
 
 
 class NotARegularFileError(OSError):

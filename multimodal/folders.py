@@ -3,12 +3,13 @@ keeps (models, adapters, reports, data sets) without ever losing one.
 
 ``write_folder`` is the one way the project writes such a folder: a non-empty folder is replaced
 only with ``overwrite=True``, and then as a whole and atomically. The new folder is written
-beside the target under a hidden name (``.NAME.partial-PID-XXXX``) and swapped in with one
-``renameat2(RENAME_EXCHANGE)`` (Linux; elsewhere two renames), so a process killed at any moment
-leaves the target either as it was or complete, never half-written and never mixed (no stale
-shard of an old diffusers folder beside a new index). What a killed write leaves behind is only
-such a hidden folder of a process that no longer runs: the next write into the same target
-removes it.
+beside the target under a hidden name (``.NAME.partial-HOST-PID-XXXX``) and swapped in with one
+``renameat2(RENAME_EXCHANGE)``, so a process killed at any moment leaves the target either as
+it was or complete, never half-written and never mixed (no stale shard of an old diffusers
+folder beside a new index). Where there is no exchange (macOS, Windows, some file systems) two
+renames do it, and a kill between them leaves the old folder aside under a hidden name: the next
+write puts it back first. What a killed write leaves behind is only such a hidden folder of a
+process that no longer runs; the next write into the same target removes it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import re
 import secrets
+import socket
 import shutil
 import sys
 import tempfile
@@ -48,13 +51,13 @@ def write_folder(target: str | Path, write: Callable[[Path], object], overwrite:
     """Run ``write(folder)`` on a fresh hidden folder beside ``target``, then put it in
     ``target``'s place. ``what`` names the argument in errors (``--out``, ``directory``)."""
     target = check_target(target, overwrite, what)
-    target.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(target)
+    target = check_target(target, overwrite, what)  # again: a folder moved aside by a killed write may be back
     partial = _sibling(target, _PARTIAL)
     partial.mkdir()
     try:
         write(partial)
-        _put_in_place(partial, target)
+        _put_in_place(partial, target, overwrite, what)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -71,10 +74,7 @@ def check_target(target: str | Path, overwrite: bool, what: str = "out") -> Path
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{what}: {target.name} is a file, not a folder: give a folder path")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
-        names = sorted(p.name for p in target.iterdir())
-        shown = ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
-        raise FileExistsError(f"{what}: {target.name} is not empty ({shown}); pass overwrite=True (--overwrite) to replace "
-                              "it as a whole, or choose a new folder")
+        raise _not_empty(target, what)
     check_writable(target.parent, what)
     return target
 
@@ -91,20 +91,30 @@ def check_writable(folder: Path, what: str = "out") -> None:
 
 
 def remove_leftovers(target: Path) -> list[Path]:
-    """Remove the hidden folders that killed writes into ``target`` left behind (those of
-    processes that are no longer running)."""
+    """Clear what killed writes into ``target`` left behind: the hidden folders of this
+    machine's processes that no longer run. An old folder moved aside by the two-rename
+    fallback is put back first when the kill left no ``target`` (it is the user's data)."""
+    if os.name == "nt":  # no safe way to tell a dead process here: leave everything
+        return []
     removed = []
-    for path in target.parent.glob(f".{target.name}.*-*-*"):
-        kind, _, rest = path.name[len(target.name) + 2:].partition("-")
-        pid = rest.split("-", 1)[0]
-        if kind in (_PARTIAL, _OLD) and pid.isdigit() and not _running(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+    mine = re.compile(rf"\.{re.escape(target.name)}\.({_PARTIAL}|{_OLD})-{re.escape(_HOST)}-(\d+)-[0-9a-f]{{8}}")
+    for path in sorted(target.parent.iterdir()):
+        match = mine.fullmatch(path.name)
+        if match is None or _running(int(match.group(2))):
+            continue
+        if match.group(1) == _OLD and not target.exists():
+            os.rename(path, target)
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
     return removed
 
 
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"  # a shared disk has other machines' writers
+
+
 def _sibling(target: Path, kind: str) -> Path:
-    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+    return target.parent / f".{target.name}.{kind}-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def _running(pid: int) -> bool:
@@ -119,20 +129,32 @@ def _running(pid: int) -> bool:
     return True
 
 
-def _put_in_place(partial: Path, target: Path) -> None:
-    if not target.exists():
-        os.rename(partial, target)  # atomic; fails if another writer created it meanwhile
-        return
-    if not any(target.iterdir()):
-        os.rmdir(target)
-        os.rename(partial, target)
+def _not_empty(target: Path, what: str) -> FileExistsError:
+    names = sorted(p.name for p in target.iterdir())
+    shown = ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
+    return FileExistsError(f"{what}: {target.name} is not empty ({shown}); pass overwrite=True (--overwrite) to replace "
+                           "it as a whole, or choose a new folder")
+
+
+def _put_in_place(partial: Path, target: Path, overwrite: bool, what: str) -> None:
+    if not overwrite or not target.exists():
+        try:  # atomic; refuses a target that is (or has meanwhile become) a non-empty folder
+            os.rename(partial, target)
+        except OSError:
+            if target.is_dir() and any(target.iterdir()):
+                raise _not_empty(target, what) from None
+            raise
         return
     if _exchange(partial, target):  # partial now holds the old folder
         shutil.rmtree(partial, ignore_errors=True)
         return
     old = _sibling(target, _OLD)  # no atomic exchange here: a short window without the target
-    os.rename(target, old)
-    os.rename(partial, target)
+    os.rename(target, old)  # (a kill inside it: the next write puts the old folder back)
+    try:
+        os.rename(partial, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -150,6 +172,4 @@ def _exchange(a: Path, b: Path) -> bool:
     except (OSError, AttributeError):
         return False
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    return False  # e.g. a file system without RENAME_EXCHANGE: the caller falls back
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0

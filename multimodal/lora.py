@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import AdapterConfig
-from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, WEIGHTS_NAME
+from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, WEIGHTS_NAME, open_regular
 from .folders import load_weights, write_folder
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def peft_config(config: AdapterConfig, component: str):
 def weights_sha256(directory: str | Path) -> str:
     """sha256 of a model folder's ``model.safetensors`` (what an adapter was trained on)."""
     digest = hashlib.sha256()
-    with open(Path(directory) / WEIGHTS_NAME, "rb") as f:
+    with open_regular(Path(directory) / WEIGHTS_NAME) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()

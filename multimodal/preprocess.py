@@ -25,6 +25,8 @@ from .files import NotARegularFileError, open_regular
 ImageInput = Union[Image.Image, np.ndarray, torch.Tensor, str, Path]
 # Inputs with more pixels are refused before decoding (64 MP: 192 MB as RGB); the demo sets less.
 MAX_PIXELS = 64_000_000
+# The formats PIL may decode: the common raster ones (EPS would run Ghostscript, for one).
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 
 
 class ImageError(ValueError):
@@ -45,15 +47,16 @@ def open_image(source: bytes | str | Path, max_pixels: int = MAX_PIXELS, what: s
         raise ImageError("missing_image", f"{what}: file not found: {name}") from None
     except (IsADirectoryError, NotARegularFileError):
         raise ImageError("not_a_file", f"{what}: {name} is not a regular file (a folder, pipe or device)") from None
-    except OSError as err:
-        raise ImageError("unreadable_image", f"{what}: {name} cannot be read ({err.strerror or err})") from None
+    except (OSError, ValueError) as err:  # ValueError: a name with a NUL byte
+        raise ImageError("unreadable_image", f"{what}: {name} cannot be read ({getattr(err, 'strerror', None) or err})") from None
     with stream:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(stream)
+                img = Image.open(stream, formats=FORMATS)
         except UnidentifiedImageError:
-            raise ImageError("not_an_image", f"{what}: {name} is not an image file (or is empty)") from None
+            raise ImageError("not_an_image", f"{what}: {name} is not an image file in a supported format "
+                                             f"({', '.join(FORMATS)}), or is empty") from None
         except Image.DecompressionBombError:
             raise ImageError("too_many_pixels", f"{what}: {name} has more than {max_pixels} pixels (refused before decoding)") from None
         except (OSError, SyntaxError, ValueError, EOFError) as err:

@@ -18,11 +18,11 @@ HEADERS = [
     (b"referrer-policy", b"no-referrer"),
 ]
 _NAMES = {name for name, _ in HEADERS}
-_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3}
+_UNITS = {"b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}  # Gradio's units (gradio.utils.FileSize)
 
 
 def parse_size(size: str | int) -> int:
-    """``"2mb"`` -> 2000000 (Gradio's units: b, kb, mb, gb)."""
+    """``"2mb"`` -> 2097152, as Gradio reads ``max_file_size``."""
     if isinstance(size, int):
         return size
     match = re.fullmatch(r"\s*(\d+)\s*([kmg]?b)\s*", size.lower())
@@ -85,15 +85,21 @@ class GuardMiddleware:
         body = b"".join(chunks)
         if scope["path"].rstrip("/").endswith("/upload"):
             boundary = _boundary(scope)
-            parts = body.count(b"--" + boundary) - 1 if boundary else 0
+            if not boundary:
+                return b"", "an upload must be multipart/form-data with a boundary"
+            parts = body.count(b"--" + boundary) - 1
             if parts > self.max_files:
                 return b"", f"at most {self.max_files} files per upload, got {parts}"
         return body, None
 
 
 def _boundary(scope: dict) -> bytes | None:
-    for name, value in scope.get("headers", []):
-        if name.lower() == b"content-type":
-            match = re.search(rb'boundary="?([^";]+)"?', value)
-            return match.group(1) if match else None
-    return None
+    """The multipart boundary as Gradio's own parser reads the header (case-insensitive
+    parameter names, the last value wins; the first header), so the count and Gradio see the same parts."""
+    from python_multipart.multipart import parse_options_header
+
+    values = [value for name, value in scope.get("headers", []) if name.lower() == b"content-type"]
+    if not values:
+        return None
+    _, options = parse_options_header(values[0])  # Starlette reads the first header
+    return options.get(b"boundary") or None

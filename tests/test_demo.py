@@ -169,6 +169,12 @@ def test_more_files_than_allowed_in_one_upload_are_refused(demo):
     with pytest.raises(urllib.error.HTTPError) as refused:
         _upload(demo.local_url, files)
     assert refused.value.code == 413 and b"at most 16 files per upload" in refused.value.read()
+    body, content_type = _multipart(files)  # the boundary written as Gradio's parser reads it, not as a regex would
+    for header in (content_type.replace("boundary=", "BOUNDARY="), content_type.replace("boundary=", "xboundary=abc; boundary=")):
+        request = urllib.request.Request(f"{demo.local_url}gradio_api/upload", data=body, method="POST", headers={"Content-Type": header})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request)
+        assert refused.value.code == 413 and refused.value.headers["X-Frame-Options"] == "DENY"
     assert len(_upload(demo.local_url, dict(list(files.items())[:2]))) == 2
 
 

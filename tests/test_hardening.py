@@ -87,13 +87,13 @@ def test_metadata_cannot_reach_outside_the_data_folder_or_hang_on_a_pipe(tmp_pat
     folder = _metadata_folder(root, 4, [
         {"file_name": "/etc/passwd", "text": "secret"}, {"file_name": "../outside.png", "text": "outside"},
         {"file_name": "sub/../../outside.png", "text": "outside"}, {"file_name": "pipe.png", "text": "a pipe"},
-        {"file_name": "captioned_by_pipe.png"}, {"file_name": 7, "text": "a number"},
+        {"file_name": "captioned_by_pipe.png"}, {"file_name": 7, "text": "a number"}, {"file_name": "a\x00.png", "text": "nul"},
     ])
     os.mkfifo(folder / "pipe.png")
     dm = FoundationDataModule(source="folder", path=str(folder), val_path=str(folder), image_size=16)
     dm.setup("fit")
     kinds = [dm.train_set[i].get("bad") for i in range(len(dm.train_set))]
-    assert kinds == [None] * 4 + ["outside_data_folder"] * 3 + ["not_a_file", "missing_caption", "bad_metadata"]
+    assert kinds == [None] * 4 + ["outside_data_folder"] * 3 + ["not_a_file", "missing_caption", "bad_metadata", "bad_metadata"]
     # a same-name .txt caption that is a pipe is skipped too, not read
     txt = image_folder(tmp_path / "txt", 2, captions=True)
     (txt / "1.txt").unlink()
@@ -119,6 +119,7 @@ def test_training_data_that_only_points_outside_is_refused_before_the_first_step
 @pytest.mark.parametrize("case, message", [
     ("missing", "no tar shard at"), ("not a tar", "is not a tar file"), ("empty tar", "is an empty tar file"),
     ("resampled, one bad shard of two", "is not a tar file"), ("pattern with a missing shard", "one of the 3 shards"),
+    ("resampled, no image members", "has no image member among its first 2"),
 ])
 def test_shards_that_cannot_train_are_refused_instead_of_looping(tmp_path, monkeypatch, capsys, case, message):
     monkeypatch.chdir(tmp_path)
@@ -129,7 +130,8 @@ def test_shards_that_cannot_train_are_refused_instead_of_looping(tmp_path, monke
             "not a tar": str(Path(tmp_path / "notes.tar").write_text("hello") and tmp_path / "notes.tar"),
             "empty tar": str(write_tar(tmp_path / "empty.tar", {})),
             "resampled, one bad shard of two": f"{good}::{Path(tmp_path / 'bad.tar').write_bytes(b'x' * 600) and tmp_path / 'bad.tar'}",
-            "pattern with a missing shard": str(tmp_path / "good-{0..2}.tar")}[case]
+            "pattern with a missing shard": str(tmp_path / "good-{0..2}.tar"),
+            "resampled, no image members": str(write_tar(tmp_path / "json.tar", {"a.json": b"{}", "a.txt": b"x"}))}[case]
     data = {"source": "webdataset", "path": path, "val_path": str(good), "resampled": case.startswith("resampled"),
             "epoch_size": 64}
     config = folder_config(tmp_path, data)

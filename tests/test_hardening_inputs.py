@@ -46,6 +46,7 @@ def bad_images(tmp_path_factory) -> dict[str, Path]:
     (root / "truncated.png").write_bytes(whole[:100])
     (root / "text.png").write_text("not an image at all")
     huge_png(root / "bomb.png", 13000, 13000)
+    (root / "postscript.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")  # would run Ghostscript
     return {p.stem: p for p in root.iterdir()}
 
 
@@ -69,6 +70,7 @@ def test_a_huge_image_is_refused_from_its_header_before_any_pixel_is_decoded(bad
 
 @pytest.mark.parametrize("name, kind, message", [
     ("empty", "not_an_image", "is not an image file"), ("text", "not_an_image", "is not an image file"),
+    ("postscript", "not_an_image", "is not an image file in a supported format"),
     ("truncated", "unreadable_image", "damaged or truncated"), ("bomb", "too_many_pixels", "refused before decoding"),
 ])
 def test_bad_image_files_are_one_line_errors_everywhere(bad_images, pipe, capsys, tmp_path, name, kind, message):

@@ -76,6 +76,40 @@ def test_adapters_merge_and_export_refuse_to_overwrite(tmp_path, capsys):
     assert (base / "model.safetensors").read_bytes() == weights
 
 
+def test_leftovers_are_recognised_by_their_exact_names_and_an_old_folder_is_put_back(tmp_path, monkeypatch):
+    import multimodal.folders as folders
+
+    target = tmp_path / "model"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    backup = tmp_path / ".model.old-2024-01-05"  # the user's own backup, not ours
+    backup.mkdir()
+    leftover = tmp_path / f".model.partial-{folders._HOST}-{dead}-0123abcd"
+    leftover.mkdir()
+    aside = tmp_path / f".model.old-{folders._HOST}-{dead}-89abcdef"  # a kill between the fallback's two renames
+    _model(1.0).save_pretrained(aside)
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):  # the old folder is back, and kept
+        _model(2.0).save_pretrained(target)
+    assert _which(target) == 1.0 and backup.is_dir() and not leftover.exists() and not aside.exists()
+    monkeypatch.setattr(folders, "_exchange", lambda a, b: False)  # the two-rename fallback (macOS, Windows)
+    _model(2.0).save_pretrained(target, overwrite=True)
+    assert _which(target) == 2.0 and sorted(p.name for p in tmp_path.iterdir()) == [".model.old-2024-01-05", "model"]
+
+
+def test_a_folder_filled_during_a_write_is_not_replaced_without_overwrite(tmp_path):
+    from multimodal.folders import write_folder
+
+    target = tmp_path / "report"
+
+    def write(folder):
+        (folder / "new.txt").write_text("new")
+        target.mkdir()
+        (target / "users_file").write_text("mine")  # another process, meanwhile
+
+    with pytest.raises(FileExistsError, match="not empty"):
+        write_folder(target, write)
+    assert [p.name for p in target.iterdir()] == ["users_file"] and [p.name for p in tmp_path.iterdir()] == ["report"]
+
+
 POINTS = {"writing weights": 1.0, "before the swap": 1.0, "right after the swap": 2.0, "removing the old folder": 2.0}
 CHILD = textwrap.dedent("""
     import os, pathlib, signal, sys
@@ -93,7 +127,7 @@ CHILD = textwrap.dedent("""
                 die()
             model_module.save_file = save_file
         elif point == "before the swap":
-            folders._put_in_place = lambda partial, target: die()
+            folders._put_in_place = lambda *args: die()
         elif point == "right after the swap":
             exchange = folders._exchange
             folders._exchange = lambda a, b: (exchange(a, b), die())

@@ -9,7 +9,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .samples import DROPPED, FIXED, SKIPPED, BadSample
+from .samples import DROPPED, FIXED, IMAGE_EXTENSIONS, SKIPPED, BadSample
+from .sources import member_ext
 
 WHY = {"bad_metadata": "could not be parsed: each must be a JSON object with file_name and text",
        "outside_data_folder": "name a file outside the data folder (absolute or with ..): refused"}
@@ -79,6 +80,9 @@ def check_trainable(dm: Any, image_size: int, world_size: int) -> None:
                          f"--data.val_path with captioned images, or raise --data.val_fraction")
 
 
+SCANNED_MEMBERS = 1000  # a shard's first members that must include an image
+
+
 def check_shards(urls: str, what: str) -> None:
     """Every local tar shard named by ``urls`` (paths, brace patterns, several joined by ``::``)
     must exist and hold at least one member: otherwise webdataset loops through empty epochs
@@ -98,11 +102,15 @@ def check_shards(urls: str, what: str) -> None:
                              f"{name.rstrip('/')}/shard-{{000..009}}.tar)" if path.is_dir() else ""))
         try:
             with tarfile.open(path) as tar:
-                first = tar.next()
+                members = [m.name for _, m in zip(range(SCANNED_MEMBERS), tar)]
         except (tarfile.TarError, OSError) as err:
             raise ValueError(f"{what}: {name} is not a tar file{many} ({err})") from None
-        if first is None:
+        if not members:
             raise ValueError(f"{what}: {name} is an empty tar file{many}: nothing to train on")
+        if not any(member_ext(m) in IMAGE_EXTENSIONS for m in members):
+            shown = ", ".join(members[:3])
+            raise ValueError(f"{what}: {name} has no image member among its first {len(members)} ({shown} ...){many}: "
+                             f"samples are NAME.png (or {', '.join(IMAGE_EXTENSIONS[1:])}) beside NAME.txt")
 
 
 # Batches in a row without one usable sample after which training stops (endless bad data,

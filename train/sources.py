@@ -35,7 +35,7 @@ def _read_text_file(path: Path) -> bytes | BadSample | None:
 def inside(root: Path, name: Any) -> Path | BadSample:
     """``root / name`` for a metadata ``file_name``, which must be a relative path that stays
     inside ``root`` (no absolute path, no ``..``): a data set never reads files outside its folder."""
-    if not isinstance(name, str) or not name:
+    if not isinstance(name, str) or not name or "\x00" in name:
         return BadSample("bad_metadata", f"file_name {name!r}")
     relative = Path(name)
     if relative.is_absolute() or ".." in relative.parts or relative.drive:
@@ -170,7 +170,7 @@ class HFDataset(Dataset):
 
 
 # ---- webdataset -------------------------------------------------------------------------------------
-def _member_ext(name: str) -> str:
+def member_ext(name: str) -> str:
     return name.rsplit("/", 1)[-1].split(".", 1)[-1].lower() if "." in name.rsplit("/", 1)[-1] else ""
 
 
@@ -198,7 +198,7 @@ class WebDatasetSource(IterableDataset):
         ds = wds.WebDataset(
             self.urls, resampled=self.resampled, shardshuffle=(100 if self.shuffle else False),
             nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker, handler=wds.warn_and_continue,
-            select_files=lambda name: _member_ext(name) in wanted, empty_check=False, seed=self.seed,
+            select_files=lambda name: member_ext(name) in wanted, empty_check=False, seed=self.seed,
         )
         if self.shuffle:
             ds = ds.shuffle(self.shuffle, rng=random.Random(self.seed))
