@@ -4,6 +4,7 @@ and an error names the argument and the allowed range."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,8 @@ def check_image_path(path: str | Path, overwrite: bool, what: str = "--out") -> 
         raise IsADirectoryError(f"{what}: {path} is a folder; give a file name such as {path / 'image.png'}")
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise ValueError(f"{what} must end in an image suffix ({', '.join(IMAGE_SUFFIXES)}), got {str(path)!r}")
+    if os.path.lexists(path) and not path.is_file():
+        raise ValueError(f"{what}: {path} exists and is not a regular file (a pipe, device or link to nothing)")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{what}: {path} exists; pass --overwrite to replace it, or choose another name")
     check_writable(path.absolute().parent, what)

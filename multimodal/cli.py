@@ -72,7 +72,7 @@ def _export(args: argparse.Namespace) -> int:
     from .folders import check_target
 
     check_checkpoint_file(args.ckpt, "--ckpt")
-    check_target(args.out, args.overwrite, "--out")  # before any work
+    check_target(args.out, args.overwrite, "--out", inputs=[args.ckpt])  # before any work
     import inspect
 
     try:
@@ -144,9 +144,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _caption(args: argparse.Namespace) -> int:
     import torch
 
-    for image in args.images:
-        if not Path(image).is_file():
-            raise FileNotFoundError(f"image not found: {image}")
+    _check_images(args.images, "images")
     pipe = _pipeline(args)
     captions = pipe.caption(
         args.images, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.sample,
@@ -158,9 +156,7 @@ def _caption(args: argparse.Namespace) -> int:
 
 
 def _classify(args: argparse.Namespace) -> int:
-    for image in args.images:
-        if not Path(image).is_file():
-            raise FileNotFoundError(f"image not found: {image}")
+    _check_images(args.images, "images")
     if args.top < 1:
         raise ValueError(f"--top must be at least 1, got {args.top}")
     if (args.labels is None) == (args.support is None):
@@ -193,8 +189,7 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _complete(args: argparse.Namespace) -> int:
-    if args.image is not None and not Path(args.image).is_file():
-        raise FileNotFoundError(f"--image not found: {args.image}")
+    _check_images([args.image] if args.image is not None else [], "--image")
     pipe = _pipeline(args)
     images = [args.image] if args.image is not None else None
     print(pipe.complete([args.text], images=images, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)[0])
@@ -220,10 +215,7 @@ def _merge(args: argparse.Namespace) -> int:
     from .files import read_regular
     from .folders import check_target
 
-    out = check_target(args.out, args.overwrite, "--out")  # before loading anything
-    for name, folder in (("--adapter", args.adapter), ("--model", args.model)):
-        if folder is not None and _same(folder, out):
-            raise ValueError(f"--out is the {name} folder {folder}: write the merged model to a new folder")
+    out = check_target(args.out, args.overwrite, "--out", inputs=[x for x in (args.adapter, args.model) if x])  # before loading
     pipe = _pipeline(args)
     adapter = pipe.model.adapter
     base = adapter.base_model if args.model is None else args.model
@@ -239,6 +231,16 @@ def _merge(args: argparse.Namespace) -> int:
     pipe.model.save_pretrained(args.out, model_card=card, dtype=dtype, overwrite=args.overwrite)
     print(f"wrote {args.out} (the adapter merged into {base})")
     return 0
+
+
+def _check_images(paths: list[str], what: str) -> None:
+    """Before the model loads: each image path exists and is a regular file (the image layer
+    decodes and checks it later)."""
+    for image in paths:
+        if not os.path.lexists(image):
+            raise FileNotFoundError(f"{what}: image not found: {image}")
+        if not Path(image).is_file():
+            raise ValueError(f"{what}: {image} is not a regular file (a folder, pipe or device)")
 
 
 def _same(a: str | Path, b: str | Path) -> bool:
@@ -269,6 +271,9 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import launch
+
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [1, 65535], got {args.port}")
 
     if args.adapter is not None and args.model is None:  # the adapter on the base it records
         launch(args.adapter, host=args.host, port=args.port, allow_untrained=args.allow_untrained)
@@ -301,13 +306,13 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                      help="store the weights in this type (float16: half the size)")
     exp.add_argument("--merge", action="store_true", help="LoRA runs: write the adapter merged into a full model")
-    exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder (as a whole)")
+    exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder as a whole (everything in it goes)")
     mrg = sub.add_parser("merge", help="LoRA adapter + its base -> a merged full model")
     mrg.add_argument("--adapter", required=True, help="an adapter folder (written by a fit with --model.lora)")
     mrg.add_argument("--model", default=None, help="the base model folder (default: the one the adapter records)")
     mrg.add_argument("--out", required=True, help="output folder")
     mrg.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    mrg.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder (as a whole)")
+    mrg.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder as a whole (everything in it goes)")
     gen = sub.add_parser("generate", help="text -> image(s)")
     gen.add_argument("prompt")
     _model_options(gen)
@@ -362,7 +367,7 @@ def _parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("prepare", help="write a data set a package ships as image folders")
     pre.add_argument("dataset", choices=("digits",), help="digits: scikit-learn's handwritten digits (1797 scans, CC BY 4.0)")
     pre.add_argument("out", help="output folder (gets train/ and val/)")
-    pre.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
+    pre.add_argument("--overwrite", action="store_true", help="replace a non-empty folder as a whole (everything in it goes)")
     dem = sub.add_parser("demo", help="the Gradio demo page")
     _model_options(dem)
     dem.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

@@ -23,7 +23,7 @@ import socket
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 _PARTIAL, _OLD = "partial", "old"
@@ -47,12 +47,14 @@ def load_weights(path: str | Path, device: str = "cpu") -> dict:
     return state
 
 
-def write_folder(target: str | Path, write: Callable[[Path], object], overwrite: bool = False, what: str = "out") -> Path:
+def write_folder(target: str | Path, write: Callable[[Path], object], overwrite: bool = False, what: str = "out",
+                 inputs: Iterable[str | Path] = ()) -> Path:
     """Run ``write(folder)`` on a fresh hidden folder beside ``target``, then put it in
-    ``target``'s place. ``what`` names the argument in errors (``--out``, ``directory``)."""
-    target = check_target(target, overwrite, what)
+    ``target``'s place. ``what`` names the argument in errors (``--out``, ``directory``);
+    ``inputs`` are files or folders the write reads, which the target must not hold."""
+    target = check_target(target, overwrite, what, inputs)
     remove_leftovers(target)
-    target = check_target(target, overwrite, what)  # again: a folder moved aside by a killed write may be back
+    target = check_target(target, overwrite, what, inputs)  # again: a folder moved aside by a killed write may be back
     partial = _sibling(target, _PARTIAL)
     partial.mkdir()
     try:
@@ -64,17 +66,29 @@ def write_folder(target: str | Path, write: Callable[[Path], object], overwrite:
     return target
 
 
-def check_target(target: str | Path, overwrite: bool, what: str = "out") -> Path:
-    """The absolute target path (a link to a folder: the folder), or an error when writing
-    there would overwrite something without ``overwrite`` or cannot work. Call it before long
+def check_target(target: str | Path, overwrite: bool, what: str = "out", inputs: Iterable[str | Path] = ()) -> Path:
+    """The absolute target path, or an error when writing there would overwrite something
+    without ``overwrite``, would replace the working folder (or one holding it), a folder
+    behind a link, or a folder holding one of ``inputs``, or cannot work. Call it before long
     work, so that nothing is computed for a write that will be refused."""
+    given = str(target)
+    if not given.strip():
+        raise ValueError(f"{what} is empty: give a folder path")
     target = Path(os.path.abspath(target))
-    if target.is_symlink() and target.is_dir():
-        target = target.resolve()
+    if target.is_symlink():
+        raise FileExistsError(f"{what}: {given} is a link (to {os.readlink(target)}): write to a new folder, or to the "
+                              "linked folder itself")
     if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{what}: {target.name} is a file, not a folder: give a folder path")
+        raise FileExistsError(f"{what}: {given} is a file, not a folder: give a folder path")
+    cwd = Path.cwd().resolve()
+    if target.resolve() == cwd or target.resolve() in cwd.parents:
+        raise ValueError(f"{what}: {given} is the working folder or holds it: give a new folder for the output")
+    for item in inputs:
+        source = Path(item).resolve()
+        if source == target.resolve() or target.resolve() in source.parents:
+            raise ValueError(f"{what}: {given} holds {item}, which this command reads: write to another folder")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise _not_empty(target, what)
+        raise _not_empty(target, given, what)
     check_writable(target.parent, what)
     return target
 
@@ -129,11 +143,12 @@ def _running(pid: int) -> bool:
     return True
 
 
-def _not_empty(target: Path, what: str) -> FileExistsError:
+def _not_empty(target: Path, given: str, what: str) -> FileExistsError:
     names = sorted(p.name for p in target.iterdir())
     shown = ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
-    return FileExistsError(f"{what}: {target.name} is not empty ({shown}); pass overwrite=True (--overwrite) to replace "
-                           "it as a whole, or choose a new folder")
+    how = "--overwrite" if what.startswith("--") else "overwrite=True"
+    return FileExistsError(f"{what}: {given} is not empty ({shown}); pass {how} to replace it as a whole (everything in "
+                           "it goes), or choose a new folder")
 
 
 def _put_in_place(partial: Path, target: Path, overwrite: bool, what: str) -> None:
@@ -142,7 +157,7 @@ def _put_in_place(partial: Path, target: Path, overwrite: bool, what: str) -> No
             os.rename(partial, target)
         except OSError:
             if target.is_dir() and any(target.iterdir()):
-                raise _not_empty(target, what) from None
+                raise _not_empty(target, str(target), what) from None
             raise
         return
     if _exchange(partial, target):  # partial now holds the old folder

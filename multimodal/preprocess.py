@@ -126,7 +126,7 @@ def as_pil(item: Any, max_pixels: int = MAX_PIXELS) -> Image.Image:
             raise ValueError(f"images: a tensor image must be float [3, H, W] in [0, 1], got {item.dtype} {tuple(item.shape)}")
         item = item.detach().float().cpu().permute(1, 2, 0).numpy()
     if isinstance(item, np.ndarray):
-        if item.ndim != 3 or item.shape[-1] not in (1, 3, 4):
+        if item.ndim != 3 or item.shape[-1] not in (1, 3, 4) or 0 in item.shape:
             raise ValueError(f"images: an array image must be [H, W, 3] (or 1 / 4 channels), got shape {item.shape}")
         if item.dtype != np.uint8:
             if not np.issubdtype(item.dtype, np.floating) or not np.isfinite(item).all() or item.min() < 0 or item.max() > 1:

@@ -212,3 +212,24 @@ def test_one_good_metadata_line_among_bad_ones_is_refused_before_training(tmp_pa
     assert ("1 training samples with captions (1 metadata lines could not be parsed: each must be a JSON object with file_name "
             "and text) (1 metadata lines name a file outside the data folder (absolute or with ..): refused), fewer than one batch") in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_pickled_checkpoint_or_weights_file_is_one_line_and_never_suggests_unpickling(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    import torch
+
+    from encoders.open_clip_import import load_state_file
+
+    marker = tmp_path / "PAYLOAD_RAN"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": _Payload(marker)}, evil)
+    config = scaled_config(tmp_path, ALIGN)
+    assert main(["fit", "--config", str(config), "--ckpt_path", str(evil)]) == 2
+    err = capsys.readouterr().err
+    assert "holds objects other than tensors and plain values: refused" in err and "weights_only=False" not in err, err
+    with pytest.raises(ValueError, match="holds objects other than tensors: refused"):
+        load_state_file(evil)
+    evil.write_bytes(evil.read_bytes()[:50])
+    with pytest.raises(ValueError, match="nor a complete torch file"):
+        load_state_file(evil)
+    assert not marker.exists()

@@ -123,12 +123,14 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped_in_training_and_inference(t
     (["--out", "{tmp}/x.txt"], "must end in an image suffix"),
     (["--out", "/proc/no/x.png"], "cannot write"),
     (["--out", "{tmp}/exists.png"], "exists; pass --overwrite"),
+    (["--out", "{tmp}/fifo.png", "--overwrite"], "exists and is not a regular file"),
 ])
 def test_generation_arguments_are_refused_before_sampling(tmp_path, capsys, monkeypatch, flags, message):
     import multimodal.pipeline
 
     monkeypatch.setattr(multimodal.pipeline, "sample", lambda *a, **k: pytest.fail("sampled before refusing"))
     (tmp_path / "exists.png").write_bytes(b"the user's picture")
+    __import__("os").mkfifo(tmp_path / "fifo.png")
     flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
     assert main(["generate", "a red circle", *flags]) == 2
     err = capsys.readouterr().err
@@ -160,13 +162,23 @@ def test_the_most_steps_allowed_give_finite_images(scheduler):
     (lambda p: p.caption(EXAMPLE, num_beams="3"), "num_beams must be an integer"),
     (lambda p: p.caption(EXAMPLE, beams=3), "unknown option"),
     (lambda p: p.retrieve("x", [EXAMPLE], top_k=1.5), "top_k must be an integer"),
+    (lambda p: p.embed_image([torch.zeros(3, 0, 5)]), r"an array image must be \[H, W, 3\]"),
 ])
 def test_api_arguments_are_named_in_their_errors(pipe, call, message):
     with pytest.raises(ValueError, match=message):
         call(pipe)
 
 
-def test_commands_check_their_numbers_first(capsys):
+def test_commands_check_their_numbers_first(capsys, tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "dir.png").mkdir()
+    for path in ("pipe.png", "dir.png"):
+        assert main(["classify", str(tmp_path / path), "--labels", "a, b"]) == 2
+        assert "is not a regular file (a folder, pipe or device)" in capsys.readouterr().err
+    assert main(["demo", "--port", "99999"]) == 2
+    assert "--port must be in [1, 65535], got 99999" in capsys.readouterr().err
     assert main(["classify", str(EXAMPLE), "--labels", "a, b", "--top", "-1"]) == 2
     assert "--top must be at least 1, got -1" in capsys.readouterr().err
     assert main(["caption", str(EXAMPLE), "--num-beams", "100000"]) == 2

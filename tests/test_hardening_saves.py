@@ -58,22 +58,42 @@ def test_adapters_merge_and_export_refuse_to_overwrite(tmp_path, capsys):
         model.save_adapter(adapter, base_model=base)
     model.save_adapter(adapter, base_model=base, overwrite=True)
     weights = (base / "model.safetensors").read_bytes()
-    for out in (base, adapter):  # the merge's inputs are never its output
+    for out, message in ((base, "is the adapter's base model"), (adapter, "which this command reads")):  # inputs are never the output
         assert main(["merge", "--adapter", str(adapter), "--out", str(out), "--overwrite"]) == 2
-        assert "write the merged model to a new folder" in capsys.readouterr().err
+        assert message in capsys.readouterr().err
     other = tmp_path / "other"
     other.mkdir()
     (other / "keep.txt").write_text("keep")
     assert main(["merge", "--adapter", str(adapter), "--out", str(other)]) == 2
-    assert "pass overwrite=True (--overwrite)" in capsys.readouterr().err and (other / "keep.txt").exists()
+    assert "pass --overwrite to replace it as a whole" in capsys.readouterr().err and (other / "keep.txt").exists()
     assert main(["merge", "--adapter", str(adapter), "--out", str(other), "--overwrite"]) == 0
     assert not (other / "keep.txt").exists() and _which(other) == 1.0
     assert (base / "model.safetensors").read_bytes() == weights
     ckpt = tmp_path / "run.ckpt"
     torch.save({"state_dict": {}}, ckpt)
     assert main(["export", "--ckpt", str(ckpt), "--out", str(base)]) == 2  # refused before the checkpoint is read
-    assert "pass overwrite=True (--overwrite)" in capsys.readouterr().err
+    assert "pass --overwrite to replace it as a whole" in capsys.readouterr().err
     assert (base / "model.safetensors").read_bytes() == weights
+
+
+def test_overwrite_never_replaces_the_working_folder_a_link_or_a_folder_holding_the_input(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "thesis.txt").write_text("years of work")
+    run = tmp_path / "run1"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": {}}, ckpt)
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "keep.txt").write_text("keep")
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    for out, message in (("", "--out is empty"), (".", "is the working folder or holds it"), (str(tmp_path.parent), "working folder"),
+                         (str(run), "holds " + str(ckpt)), ("link", "is a link (to")):
+        assert main(["export", "--ckpt", str(ckpt), "--out", out, "--overwrite"]) == 2, out
+        assert message in capsys.readouterr().err, out
+    assert main(["prepare", "digits", ".", "--overwrite"]) == 2
+    assert "working folder" in capsys.readouterr().err
+    assert (tmp_path / "thesis.txt").read_text() == "years of work" and ckpt.is_file() and (real / "keep.txt").is_file()
 
 
 def test_leftovers_are_recognised_by_their_exact_names_and_an_old_folder_is_put_back(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import zipfile
 from pathlib import Path
 
@@ -42,7 +43,11 @@ class FoundationCLI(LightningCLI):
         value = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
         if value is not None and value not in ("last", "best", "hpc"):
             check_checkpoint_file(str(value), "--ckpt_path")
-        super()._parse_ckpt_path()
+        try:
+            super()._parse_ckpt_path()
+        except pickle.UnpicklingError:  # torch's message suggests weights_only=False: never
+            raise ValueError(f"--ckpt_path: {value} holds objects other than tensors and plain values: refused (unpickling "
+                             "them could run any code); resume only from checkpoints multimodal fit wrote") from None
 
     def check_ckpt_path(self) -> None:
         """``--ckpt_path last`` must name a checkpoint: Lightning would start from scratch without a word."""

@@ -54,7 +54,8 @@ def run_evaluate(model_dir: str, data: str, out: str, train_data: str | None = N
                  limit: int | None = None, overwrite: bool = False, batch_size: int = 128) -> dict[str, float]:
     from multimodal import scores
 
-    out_dir = check_target(out, overwrite, "--out")  # before any work; replaced as a whole at the end
+    inputs = [x for x in (model_dir, data, train_data, inception) if x]
+    out_dir = check_target(out, overwrite, "--out", inputs)  # before any work; replaced as a whole at the end
     if not Path(data).is_dir():
         raise FileNotFoundError(f"--data: no folder at {data} (an image folder with captions: metadata.jsonl, metadata.csv or .txt files)")
     if limit is not None and limit < 4:
