@@ -144,7 +144,9 @@ def _generate(args: argparse.Namespace) -> int:
 def _caption(args: argparse.Namespace) -> int:
     import torch
 
-    _check_images(args.images, "images")
+    from .files import check_files
+
+    check_files(args.images, "images")
     pipe = _pipeline(args)
     captions = pipe.caption(
         args.images, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.sample,
@@ -156,7 +158,9 @@ def _caption(args: argparse.Namespace) -> int:
 
 
 def _classify(args: argparse.Namespace) -> int:
-    _check_images(args.images, "images")
+    from .files import check_files
+
+    check_files(args.images, "images")
     if args.top < 1:
         raise ValueError(f"--top must be at least 1, got {args.top}")
     if (args.labels is None) == (args.support is None):
@@ -189,7 +193,9 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _complete(args: argparse.Namespace) -> int:
-    _check_images([args.image] if args.image is not None else [], "--image")
+    from .files import check_files
+
+    check_files([args.image] if args.image is not None else [], "--image")
     pipe = _pipeline(args)
     images = [args.image] if args.image is not None else None
     print(pipe.complete([args.text], images=images, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)[0])
@@ -226,29 +232,11 @@ def _merge(args: argparse.Namespace) -> int:
         card = read_regular(source_card, 1 << 20).decode("utf-8", errors="replace") + (f"\n\n## Merged\n\nThis folder is the adapter `{args.adapter}` merged into "
                                           f"`{base}` with `multimodal merge`: a full model.{lora_summary(adapter, base)}")
     dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
-    if adapter.base_model and _same(adapter.base_model, out):
+    if adapter.base_model and Path(adapter.base_model).exists() and out.exists() and os.path.samefile(adapter.base_model, out):
         raise ValueError(f"--out is the adapter's base model {adapter.base_model}: write the merged model to a new folder")
     pipe.model.save_pretrained(args.out, model_card=card, dtype=dtype, overwrite=args.overwrite)
     print(f"wrote {args.out} (the adapter merged into {base})")
     return 0
-
-
-def _check_images(paths: list[str], what: str) -> None:
-    """Before the model loads: each image path exists and is a regular file (the image layer
-    decodes and checks it later)."""
-    for image in paths:
-        if not os.path.lexists(image):
-            raise FileNotFoundError(f"{what}: image not found: {image}")
-        if not Path(image).is_file():
-            raise ValueError(f"{what}: {image} is not a regular file (a folder, pipe or device)")
-
-
-def _same(a: str | Path, b: str | Path) -> bool:
-    """Whether two paths are one folder (through links and relative parts)."""
-    try:
-        return Path(a).exists() and Path(b).exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -39,6 +39,16 @@ def open_regular(path: str | os.PathLike[str]) -> io.BufferedReader:
         raise
 
 
+def check_files(paths: list[str], what: str) -> None:
+    """Each path exists and is a regular file, or an error naming ``what`` (checked before a
+    model loads; the file's content is checked where it is read)."""
+    for path in paths:
+        if not os.path.lexists(path):
+            raise FileNotFoundError(f"{what}: file not found: {path}")
+        if not os.path.isfile(path):
+            raise ValueError(f"{what}: {path} is not a regular file (a folder, pipe or device)")
+
+
 def read_regular(path: str | os.PathLike[str], limit: int | None = None) -> bytes:
     """The bytes of a regular file (``open_regular``), refusing files over ``limit`` bytes."""
     with open_regular(path) as f:

@@ -146,7 +146,7 @@ def _running(pid: int) -> bool:
 def _not_empty(target: Path, given: str, what: str) -> FileExistsError:
     names = sorted(p.name for p in target.iterdir())
     shown = ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
-    how = "--overwrite" if what.startswith("--") else "overwrite=True"
+    how = "--overwrite" if what.startswith("--") else "overwrite=True (--overwrite)"
     return FileExistsError(f"{what}: {given} is not empty ({shown}); pass {how} to replace it as a whole (everything in "
                            "it goes), or choose a new folder")
 
