@@ -257,7 +257,10 @@ class FoundationConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "FoundationConfig":
-        return cls.from_dict(read_json(path))
+        try:
+            return cls.from_dict(read_json(path))
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}" if str(path) not in str(err) else str(err)) from None
 
 
 @dataclass

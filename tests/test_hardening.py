@@ -233,3 +233,16 @@ def test_a_pickled_checkpoint_or_weights_file_is_one_line_and_never_suggests_unp
     with pytest.raises(ValueError, match="nor a complete torch file"):
         load_state_file(evil)
     assert not marker.exists()
+
+
+@pytest.mark.timeout(120)
+def test_resampled_shards_that_never_read_stop_instead_of_retrying_forever(tmp_path):
+    """Remote shards are not checked before training (an unreachable URL is retried forever by
+    webdataset); a missing local file, read past the early check, fails the same way, fast."""
+    from train.samples import SampleReader
+    from train.sources import MAX_SHARD_ERRORS, WebDatasetSource
+
+    source = WebDatasetSource(str(tmp_path / "gone.tar"), SampleReader(16, 10**6), resampled=True, shuffle=0,
+                              seed=0, epoch_size=None, image_keys=("png",), text_keys=("txt",))
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=f"{MAX_SHARD_ERRORS} shard reads failed in a row"):
+        next(iter(source))

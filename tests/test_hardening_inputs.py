@@ -202,7 +202,7 @@ def _edit_config(folder: Path, **text_fields) -> None:
     (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:5000]), "not a readable safetensors file"),
     (lambda f: (f / "model.safetensors").write_bytes(b"\x00" * 16), "not a readable safetensors file"),
     (lambda f: _corrupt_floats(f / "model.safetensors"), "holds NaN/inf values"),
-    (lambda f: _edit_config(f, width="128"), "config.text.width must be an integer, got '128'"),
+    (lambda f: _edit_config(f, width="128"), "config.json: config.text.width must be an integer, got '128'"),
     (lambda f: _edit_config(f, width=2.5), "config.text.width must be an integer, got 2.5"),
     (lambda f: _edit_config(f, heads=0), r"text.heads must be in \[1, 16384\], got 0"),
     (lambda f: _edit_config(f, context_length=1e9), "config.text.context_length must be an integer"),

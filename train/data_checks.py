@@ -104,7 +104,8 @@ def check_shards(urls: str, what: str) -> None:
             with tarfile.open(path) as tar:
                 members = [m.name for _, m in zip(range(SCANNED_MEMBERS), tar)]
         except (tarfile.TarError, OSError) as err:
-            raise ValueError(f"{what}: {name} is not a tar file{many} ({err})") from None
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ValueError(f"{what}: {name} is not a tar file{many} ({reason})") from None
         if not members:
             raise ValueError(f"{what}: {name} is an empty tar file{many}: nothing to train on")
         if not any(member_ext(m) in IMAGE_EXTENSIONS for m in members):

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import random
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -174,6 +175,9 @@ def member_ext(name: str) -> str:
     return name.rsplit("/", 1)[-1].split(".", 1)[-1].lower() if "." in name.rsplit("/", 1)[-1] else ""
 
 
+MAX_SHARD_ERRORS = 50
+
+
 class WebDatasetSource(IterableDataset):
     """Samples of tar shards, split by node (DDP rank) and by dataloader worker; only members
     with an image or text extension are read, and none is decoded by webdataset itself."""
@@ -185,9 +189,21 @@ class WebDatasetSource(IterableDataset):
         self.epoch_size, self.image_keys, self.text_keys = epoch_size, image_keys, text_keys
 
     def _sample(self, raw: dict[str, Any]) -> dict[str, Any]:
+        self._errors = 0  # a shard was read: errors before it were not in a row
         image = next((raw[k] for k in self.image_keys if k in raw), None)
         caption = next((raw[k] for k in self.text_keys if k in raw), None)
         return self.reader(image, caption)
+
+    def _handler(self, error: Exception) -> bool:
+        """Skip a shard that cannot be read (with a warning), but stop after
+        ``MAX_SHARD_ERRORS`` in a row: resampled shards that all fail (an unreachable URL)
+        would otherwise be retried forever without one sample."""
+        self._errors = getattr(self, "_errors", 0) + 1
+        if self._errors >= MAX_SHARD_ERRORS:
+            raise ValueError(f"data.path: {self._errors} shard reads failed in a row, the last with "
+                             f"{type(error).__name__}: {str(error)[:200]}; check that the shards are reachable")
+        warnings.warn(f"skipped a shard that could not be read: {error!r}", UserWarning, stacklevel=2)
+        return True
 
     def pipeline(self) -> Iterable[dict[str, Any]]:
         try:
@@ -197,7 +213,7 @@ class WebDatasetSource(IterableDataset):
         wanted = set(self.image_keys) | set(self.text_keys)
         ds = wds.WebDataset(
             self.urls, resampled=self.resampled, shardshuffle=(100 if self.shuffle else False),
-            nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker, handler=wds.warn_and_continue,
+            nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker, handler=self._handler,
             select_files=lambda name: member_ext(name) in wanted, empty_check=False, seed=self.seed,
         )
         if self.shuffle:
