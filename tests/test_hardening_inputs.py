@@ -114,9 +114,6 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped_in_training_and_inference(t
 
 @pytest.mark.parametrize("flags, message", [
     (["--guidance", "nan"], r"guidance_scale must be a number in \[0, 100\], got nan"),
-    (["--guidance", "inf"], r"guidance_scale must be a number in \[0, 100\], got inf"),
-    (["--guidance", "1e30"], r"guidance_scale must be a number in \[0, 100\], got 1e\+30"),
-    (["--steps", "1000"], r"num_inference_steps must be an integer in \[1, 999\]"),
     (["--steps", "10000"], r"num_inference_steps must be an integer in \[1, 999\]"),
     (["--num-images", "65"], r"--num-images must be in \[1, 64\]"),
     (["--out", "{tmp}"], "is a folder; give a file name"),
@@ -151,6 +148,9 @@ def test_the_most_steps_allowed_give_finite_images(scheduler):
 
 @pytest.mark.parametrize("call, message", [
     (lambda p: p(123), "prompt must be a non-empty string or list of strings"),
+    (lambda p: p("x", guidance_scale=float("inf")), r"guidance_scale must be a number in \[0, 100\], got inf"),
+    (lambda p: p("x", guidance_scale=1e30), r"guidance_scale must be a number in \[0, 100\], got 1e\+30"),
+    (lambda p: p("x", num_inference_steps=1000), r"num_inference_steps must be an integer in \[1, 999\]"),
     (lambda p: p("x", num_inference_steps=2.5), "num_inference_steps must be an integer"),
     (lambda p: p("x", generator=5), "generator must be a torch.Generator"),
     (lambda p: p("x", num_images_per_prompt=65), r"num_images_per_prompt must be an integer in \[1, 64\]"),
