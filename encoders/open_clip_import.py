@@ -107,17 +107,16 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
         from multimodal.folders import load_weights
 
         return load_weights(path)
-    import pickle
     import zipfile
 
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path} is neither a safetensors file nor a complete torch file (truncated, or another format)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(f"{path} holds objects other than tensors: refused (unpickling them could run any code); "
-                         "convert it to safetensors where you trust its origin") from None
-    except Exception as err:  # noqa: BLE001 - report any other failure by name of the file
+    except Exception as err:  # noqa: BLE001 - report any failure by name of the file
+        if type(err).__name__ == "UnpicklingError":  # torch's message would suggest weights_only=False
+            raise ValueError(f"{path} holds objects other than tensors: refused (unpickling them could run any code); "
+                             "convert it to safetensors where you trust its origin") from None
         raise ValueError(f"{path} cannot be read as torch weights ({type(err).__name__})") from None
 
 

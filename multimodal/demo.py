@@ -28,7 +28,7 @@ from PIL import Image
 from diffusion.schedule import SCHEDULERS
 
 from .config import DemoLimits
-from .knowledge import UnseenWordsWarning, UntrainedComponentError, trained_components, unseen_message
+from .knowledge import UnseenWordsWarning, trained_components, unseen_message
 from .pipeline import FoundationPipeline
 from .preprocess import as_pil, preprocess, to_rgb
 from .templates import DEFAULT_TEMPLATES
@@ -58,7 +58,7 @@ def _answering(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ValueError, OSError, FloatingPointError, UntrainedComponentError) as err:
+        except (ValueError, OSError, FloatingPointError) as err:  # UntrainedComponentError is a ValueError
             raise _error(str(err)) from None
     return wrapper
 
@@ -115,13 +115,6 @@ def _note(pipe: FoundationPipeline, texts: list[str]) -> str:
     return f"**Note:** {unseen_message(words)}." if words else ""
 
 
-def _refuse_untrained(pipe: FoundationPipeline, *components: str) -> None:
-    try:
-        pipe._require(*components)
-    except UntrainedComponentError as err:
-        raise _error(str(err)) from None
-
-
 def _image_input(**kwargs):
     """A ``gr.Image`` that hands over the uploaded file's path without opening it: Gradio's own
     preprocessing opens uploads with PIL (tracebacks for broken files, a bare error for huge
@@ -167,7 +160,7 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
             raise _error(f"scheduler must be one of {', '.join(sorted(SCHEDULERS))}, got {scheduler!r}")
         if not has_decoder:
             raise _error("this model has no diffusion decoder")
-        _refuse_untrained(pipe, "text", "decoder")
+        pipe._require("text", "decoder")
         with lock:
             out = pipe(
                 prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
@@ -182,7 +175,7 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
         names = [n.strip() for n in _text(labels, "labels", limits, max_chars=limits.max_labels * 40).replace("\n", ",").split(",") if n.strip()]
         if not 2 <= len(names) <= limits.max_labels:
             raise _error(f"labels: give between 2 and {limits.max_labels} comma-separated labels, got {len(names)}")
-        _refuse_untrained(pipe, "text", "image")
+        pipe._require("text", "image")
         with lock, warnings.catch_warnings():  # said in the note instead
             warnings.simplefilter("ignore", UnseenWordsWarning)
             probs = pipe.classify(image, names, templates=DEFAULT_TEMPLATES)[0]
@@ -198,7 +191,7 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
         if not sources:
             raise _error("nothing to search: upload images")
         top_k = _number(top_k, "results", 1, len(sources))
-        _refuse_untrained(pipe, "text", "image")
+        pipe._require("text", "image")
         size, pixels, thumbs = pipe.model.config.image.image_size, [], []
         for source, _ in sources:  # one decoded image at a time: the model's input and a thumbnail are kept
             image = _image(source, limits, "upload")
@@ -217,7 +210,7 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
         beams = _number(num_beams, "beams", 1, 8)
         if not has_language:
             raise _error("this model has no language head")
-        _refuse_untrained(pipe, "text", "image", "language")
+        pipe._require("text", "image", "language")
         with lock:
             return pipe.caption(image, num_beams=beams, max_new_tokens=limits.max_new_tokens)[0]
 
@@ -227,7 +220,7 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
         budget = _number(max_new_tokens, "new tokens", 1, limits.max_new_tokens)
         if not has_language:
             raise _error("this model has no language head")
-        _refuse_untrained(pipe, "text", "language")
+        pipe._require("text", "language")
         with lock:
             return pipe.complete(text, max_new_tokens=budget)[0], _note(pipe, [text])
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 import zipfile
 from pathlib import Path
 
@@ -45,7 +44,9 @@ class FoundationCLI(LightningCLI):
             check_checkpoint_file(str(value), "--ckpt_path")
         try:
             super()._parse_ckpt_path()
-        except pickle.UnpicklingError:  # torch's message suggests weights_only=False: never
+        except Exception as err:  # torch's UnpicklingError suggests weights_only=False: never
+            if type(err).__name__ != "UnpicklingError":
+                raise
             raise ValueError(f"--ckpt_path: {value} holds objects other than tensors and plain values: refused (unpickling "
                              "them could run any code); resume only from checkpoints multimodal fit wrote") from None
 

@@ -85,8 +85,9 @@ SCANNED_MEMBERS = 1000  # a shard's first members that must include an image
 
 def check_shards(urls: str, what: str) -> None:
     """Every local tar shard named by ``urls`` (paths, brace patterns, several joined by ``::``)
-    must exist and hold at least one member: otherwise webdataset loops through empty epochs
-    forever (or, resampled, waits forever for a sample). Remote URLs are read as they stream."""
+    must exist and hold an image among its first ``SCANNED_MEMBERS`` members: otherwise
+    webdataset loops through empty epochs forever (or, resampled, waits forever for a sample).
+    Remote URLs are read as they stream (``WebDatasetSource`` stops after failures in a row)."""
     try:
         from braceexpand import braceexpand
     except ImportError:  # comes with webdataset; without it the source refuses anyway

@@ -49,31 +49,39 @@ def _record(root: Path, name: Any, caption: Any) -> tuple[Any, Any]:
     return (None, path) if isinstance(path, BadSample) else (path, caption)
 
 
-def folder_records(root: Path) -> list[tuple[Any, Any]]:
-    """(image path, caption) records of a folder, from ``metadata.jsonl``, else ``metadata.csv``,
-    else a same-name ``.txt`` per image (read lazily as bytes, so the UTF-8 check is per sample).
-    A record whose file cannot be used (a ``file_name`` outside the folder, a metadata line
-    that does not parse) is (None, ``BadSample``): skipped and counted by kind."""
+def metadata_rows(root: Path) -> list[dict[str, Any] | None] | None:
+    """The rows of ``metadata.jsonl`` (None for a line that is not a JSON object), else of
+    ``metadata.csv``; None when the folder has neither. The one reader of a folder's metadata."""
     jsonl, table = root / "metadata.jsonl", root / "metadata.csv"
-    records: list[tuple[Any, Any]] = []
     if jsonl.is_file():
+        rows: list[dict[str, Any] | None] = []
         for line in read_regular(jsonl, MAX_METADATA_BYTES).splitlines():
             if not line.strip():
                 continue
             try:
                 row = json.loads(line.decode("utf-8", errors="surrogateescape"))
-                records.append(_record(root, row["file_name"], row.get("text")))
-            except (ValueError, KeyError, TypeError, AttributeError):
-                records.append((None, BadSample("bad_metadata")))
-        return records
+            except ValueError:
+                row = None
+            rows.append(row if isinstance(row, dict) else None)
+        return rows
     if table.is_file():
         text = read_regular(table, MAX_METADATA_BYTES).decode("utf-8", errors="surrogateescape")
         reader = csv.DictReader(io.StringIO(text, newline=""))
         if not reader.fieldnames or "file_name" not in reader.fieldnames:
             raise ValueError(f"data.path: {table} needs a 'file_name' column (and 'text'), found {reader.fieldnames}")
-        for row in reader:
-            records.append(_record(root, row.get("file_name"), row.get("text")))
-        return records
+        return list(reader)
+    return None
+
+
+def folder_records(root: Path) -> list[tuple[Any, Any]]:
+    """(image path, caption) records of a folder, from ``metadata.jsonl``, else ``metadata.csv``,
+    else a same-name ``.txt`` per image (read lazily as bytes, so the UTF-8 check is per sample).
+    A record whose file cannot be used (a ``file_name`` outside the folder, a metadata line
+    that does not parse) is (None, ``BadSample``): skipped and counted by kind."""
+    rows = metadata_rows(root)
+    if rows is not None:
+        return [_record(root, row.get("file_name"), row.get("text")) if row is not None else (None, BadSample("bad_metadata"))
+                for row in rows]
     images = sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and p.is_file())
     return [(p, p.with_suffix(".txt")) for p in images]
 
@@ -82,20 +90,8 @@ def folder_labels(root: Path) -> dict[Path, str]:
     """Image path -> class from a ``label`` field of ``metadata.jsonl`` / column of
     ``metadata.csv`` (empty when there is none)."""
     labels: dict[Path, str] = {}
-    jsonl, table = root / "metadata.jsonl", root / "metadata.csv"
-    if jsonl.is_file():
-        rows = []
-        for line in read_regular(jsonl, MAX_METADATA_BYTES).splitlines():
-            try:
-                rows.append(json.loads(line.decode("utf-8", errors="surrogateescape")))
-            except ValueError:
-                continue  # counted as bad_metadata by folder_records
-    elif table.is_file():
-        rows = list(csv.DictReader(io.StringIO(read_regular(table, MAX_METADATA_BYTES).decode("utf-8", errors="surrogateescape"), newline="")))
-    else:
-        rows = []
-    for row in rows:
-        path = inside(root, row.get("file_name")) if isinstance(row, dict) else None
+    for row in metadata_rows(root) or []:
+        path = inside(root, row.get("file_name")) if row is not None else None
         if isinstance(path, Path) and row.get("label") not in (None, ""):
             labels[path] = str(row["label"])
     return labels
@@ -187,6 +183,7 @@ class WebDatasetSource(IterableDataset):
         super().__init__()
         self.urls, self.reader, self.resampled, self.shuffle, self.seed = urls, reader, resampled, shuffle, seed
         self.epoch_size, self.image_keys, self.text_keys = epoch_size, image_keys, text_keys
+        self._errors = 0  # shard reads failed in a row
 
     def _sample(self, raw: dict[str, Any]) -> dict[str, Any]:
         self._errors = 0  # a shard was read: errors before it were not in a row
@@ -198,7 +195,7 @@ class WebDatasetSource(IterableDataset):
         """Skip a shard that cannot be read (with a warning), but stop after
         ``MAX_SHARD_ERRORS`` in a row: resampled shards that all fail (an unreachable URL)
         would otherwise be retried forever without one sample."""
-        self._errors = getattr(self, "_errors", 0) + 1
+        self._errors += 1
         if self._errors >= MAX_SHARD_ERRORS:
             raise ValueError(f"data.path: {self._errors} shard reads failed in a row, the last with "
                              f"{type(error).__name__}: {str(error)[:200]}; check that the shards are reachable")
