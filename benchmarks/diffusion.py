@@ -1,13 +1,14 @@
 """The diffusion decoder against bare diffusers, side by side in one process:
 
-1. training step (noise, forward, MSE, backward, AdamW): our ``Decoder`` (core attention
-   processor, memory format from ``DecoderConfig.channels_last``) vs a bare
-   ``diffusers.UNet2DConditionModel`` of the same config and weights (its default processor
-   and memory format);
-2. sampling: our ``FoundationPipeline.__call__`` (CFG, DPM-Solver++) vs a plain diffusers-style
-   denoising loop over the bare UNet with the same scheduler, prompts and step count.
+1. training step (the objective's draw, forward, MSE, backward, AdamW): our ``Decoder`` (core
+   attention processor, memory format from ``DecoderConfig.channels_last``) vs the bare diffusers
+   denoiser of the same config and weights (``UNet2DConditionModel`` or, with ``--backbone
+   mmdit``, ``SD3Transformer2DModel``; its default processor and memory format);
+2. sampling: our ``FoundationPipeline.__call__`` (CFG, the model's scheduler: DPM-Solver++ for
+   the UNet, flow-matching Euler for the MMDiT) vs a plain diffusers-style denoising loop over
+   the bare denoiser with the same scheduler, prompts and step count.
 
-    python benchmarks/diffusion.py [--preset shapes] [--batch 64] [--precision 32 bf16-mixed]
+    python benchmarks/diffusion.py [--backbone unet|mmdit] [--batch 64] [--precision 32 bf16-mixed]
 
 Prints samples/s (images/s) of each and the ratio ours / diffusers, in each precision.
 Rounds alternate the order of the two; figures are medians.
@@ -19,13 +20,14 @@ import argparse
 import contextlib
 import statistics
 import time
+from pathlib import Path
 
 import _no_shadow  # noqa: F401  (first: this file's name would shadow the diffusion package)
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
+import diffusers
 
-from diffusion.schedule import sampling_scheduler, train_scheduler
+from diffusion.schedule import sampling_scheduler
 from multimodal import FoundationConfig, FoundationModel, FoundationPipeline
 
 
@@ -40,45 +42,56 @@ def timed(fn, rounds: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="shapes")
+    parser.add_argument("--backbone", choices=("unet", "mmdit"), default="unet")
+    parser.add_argument("--preset", default=None, help="model preset (default: shapes, or shapes_mmdit with --backbone mmdit)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--bf16-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="training steps per round")
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--images", type=int, default=16, help="images per sampling call")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=8, help="timed rounds (medians; fewer are noisy on 2 cores)")
     parser.add_argument("--precision", nargs="+", default=["32", "bf16-mixed"])
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model = FoundationModel(FoundationConfig.from_preset(args.preset)).eval()
+    preset = args.preset or ("shapes_mmdit" if args.backbone == "mmdit" else "shapes")
+    model = FoundationModel(FoundationConfig.from_preset(preset, {"decoder": {"backbone": args.backbone}})).eval()
     cfg = model.config.decoder
-    bare = UNet2DConditionModel.from_config(model.decoder.unet.config)
-    bare.load_state_dict(model.decoder.unet.state_dict())
-    print(f"preset={args.preset} decoder params={sum(p.numel() for p in bare.parameters()) / 1e6:.2f}M "
-          f"threads={torch.get_num_threads()} torch={torch.__version__}")
-    noise_sched = train_scheduler(cfg)
+    if cfg.vae is not None:
+        parser.error("the benchmark compares denoisers in pixel space: use a preset without decoder.vae")
+    mine = model.decoder.denoiser
+    bare = getattr(diffusers, type(mine).__name__).from_config(mine.config)
+    bare.load_state_dict(mine.state_dict())
+    scheduler = model.config.sampling.scheduler
+    flags = sorted({f for line in open("/proc/cpuinfo") if line.startswith("flags") for f in line.split()[2:]}
+                   & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}) if Path("/proc/cpuinfo").exists() else []
+    print(f"preset={preset} backbone={cfg.backbone} objective={cfg.objective} scheduler={scheduler} "
+          f"decoder params={sum(p.numel() for p in bare.parameters()) / 1e6:.2f}M threads={torch.get_num_threads()} "
+          f"torch={torch.__version__} cpu_flags={' '.join(flags) or 'n/a'}")
+
+    def bare_call(x, t, c, labels):  # the call a diffusers user writes for this denoiser
+        if cfg.backbone == "mmdit":
+            return bare(hidden_states=x, encoder_hidden_states=c.states, pooled_projections=labels, timestep=t).sample
+        return bare(x, t, encoder_hidden_states=c.states, class_labels=labels).sample
 
     for precision in args.precision:
         bf16 = precision == "bf16-mixed"
         autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
         batch = args.bf16_batch if bf16 else args.batch
-        images = torch.rand(batch, cfg.channels, cfg.image_size, cfg.image_size) * 2 - 1
+        images = torch.rand(batch, *model.decoder.sample_shape) * 2 - 1
         with torch.no_grad():
             cond = model.text_condition(["a small red circle at the top left"] * batch)
-        labels = model.decoder.class_labels(cond.embeds) if cfg.text_embed_conditioning else None
+        labels = model.decoder.class_labels(cond.embeds)
 
         def make_train(unet_call, params):
             opt = torch.optim.AdamW(params, lr=1e-4)
 
             def run():
                 for i in range(args.steps):
-                    g = torch.Generator().manual_seed(i)
-                    noise = torch.randn(images.shape, generator=g)
-                    t = torch.randint(0, cfg.num_train_timesteps, (batch,), generator=g)
+                    task = model.objective.draw(images, torch.Generator().manual_seed(i))
                     with autocast():
-                        pred = unet_call(noise_sched.add_noise(images, noise, t), t, cond)
-                        loss = F.mse_loss(pred.float(), noise)
+                        pred = unet_call(task.noisy, task.timesteps, cond)
+                        loss = F.mse_loss(pred.float(), task.target)
                     loss.backward()
                     opt.step()
                     opt.zero_grad(set_to_none=True)
@@ -88,15 +101,13 @@ def main() -> None:
         bare.train()
         trains = {
             "ours": make_train(model.decoder, model.decoder.parameters()),
-            "diffusers": make_train(
-                lambda x, t, c: bare(x, t, encoder_hidden_states=c.states, class_labels=labels).sample, bare.parameters()
-            ),
+            "diffusers": make_train(lambda x, t, c: bare_call(x, t, c, labels), bare.parameters()),
         }
         model.decoder.eval()
         bare.eval()
         n_img = min(args.images, batch) if bf16 else args.images
         prompts = ["a small red circle at the top left", "a large blue square in the center"] * (n_img // 2)
-        pipe = FoundationPipeline(model, scheduler="dpm++")
+        pipe = FoundationPipeline(model, scheduler=scheduler)
 
         def ours_sample():
             with autocast():
@@ -106,15 +117,16 @@ def main() -> None:
         @torch.no_grad()
         def diffusers_sample():  # the loop a diffusers user writes around the same UNet and scheduler
             with autocast():
-                sched = sampling_scheduler("dpm++", cfg)
+                sched = sampling_scheduler(scheduler, cfg)
                 both = model.text_condition([""] * len(prompts)).cat(model.text_condition(prompts))
-                both_labels = model.decoder.class_labels(both.embeds) if cfg.text_embed_conditioning else None
+                both_labels = model.decoder.class_labels(both.embeds)
                 gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
-                x = torch.stack([torch.randn(images.shape[1:], generator=g) for g in gens]) * sched.init_noise_sigma
+                x = torch.stack([torch.randn(images.shape[1:], generator=g) for g in gens]) * getattr(sched, "init_noise_sigma", 1.0)
                 sched.set_timesteps(args.sample_steps)
                 for t in sched.timesteps:
-                    inp = sched.scale_model_input(torch.cat([x, x]), t)
-                    u, c = bare(inp, t, encoder_hidden_states=both.states, class_labels=both_labels).sample.float().chunk(2)
+                    inp = torch.cat([x, x])
+                    inp = sched.scale_model_input(inp, t) if hasattr(sched, "scale_model_input") else inp
+                    u, c = bare_call(inp, t.expand(len(inp)), both, both_labels).float().chunk(2)
                     x = sched.step(u + 3.0 * (c - u), t, x).prev_sample
 
         for label, fns, count in (("train step", trains, batch * args.steps), ("sampling", {"ours": ours_sample, "diffusers": diffusers_sample}, n_img)):

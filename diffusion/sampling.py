@@ -23,19 +23,18 @@ def sample(
     progress: bool = True,
     callback_on_step_end: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """Images [B, C, S, S] in [-1, 1] for B texts' conditions.
+    """Images [B, C, S, S] in [-1, 1] for B texts' conditions (sampled in the decoder's latent
+    space when it has a VAE, then decoded).
 
     Image i starts from noise drawn from ``generators[i]``, so a batch gives the same images
     as one call per image with the same generators. ``uncond`` is the condition of the negative
     (by default empty) prompt; guidance is skipped at 1.0.
     """
-    cfg = decoder.config
-    batch = cond.states.shape[0]
     device = cond.states.device
-    shape = (cfg.channels, cfg.image_size, cfg.image_size)
-    x = torch.stack([torch.randn(shape, generator=g, device=device, dtype=torch.float32) for g in generators])
+    x = torch.stack([torch.randn(decoder.sample_shape, generator=g, device=device, dtype=torch.float32) for g in generators])
     scheduler.set_timesteps(num_inference_steps, device=device)
-    x = x * scheduler.init_noise_sigma
+    x = x * getattr(scheduler, "init_noise_sigma", 1.0)  # flow schedulers start at pure noise
+    scale = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
     guided = guidance_scale != 1.0
     both = uncond.cat(cond) if guided else cond
     step_kwargs = {}  # stochastic schedulers (ddpm, euler_a) draw noise in step(): from the shared generator
@@ -43,7 +42,7 @@ def sample(
         step_kwargs["generator"] = generators[0]
     for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False)):
         inp = torch.cat([x, x]) if guided else x
-        inp = scheduler.scale_model_input(inp, t)
+        inp = scale(inp, t)
         pred = decoder(inp.to(both.states.dtype), t.expand(inp.shape[0]), both).float()  # [(2)B, C, S, S]
         if guided:
             uncond, cond = pred.chunk(2)
@@ -51,4 +50,4 @@ def sample(
         x = scheduler.step(pred, t, x, **step_kwargs).prev_sample
         if callback_on_step_end is not None:
             callback_on_step_end(i, int(t), x)
-    return x.clamp(-1, 1).view(batch, *shape)
+    return decoder.from_latents(x).clamp(-1, 1)  # [B, C, S, S]

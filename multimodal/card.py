@@ -48,6 +48,15 @@ def model_card(
     not_trained = "".join(
         f"\n\nNot trained: the {c} component (its weights are random; inference refuses it). Train it with `{train_command(config, c)}`."
         for c in untrained)
+    dec = config.decoder
+    if dec is not None:
+        cls, arg = ("SD3Transformer2DModel", "pooled_projections") if dec.backbone == "mmdit" else ("UNet2DConditionModel", "class_labels")
+        pooled = (f"`{arg}` = sqrt({config.embed_dim}) x the unit text embedding" if dec.text_embed_conditioning
+                  else ("`pooled_projections` = zeros [B, 1]" if dec.backbone == "mmdit" else "no `class_labels`"))
+        space = (", on the VAE in `vae/`'s latents z scaled as (z - shift_factor) x scaling_factor" if dec.vae else ", in pixel space [-1, 1]")
+        kind = "rectified flow (target noise - image)" if dec.objective == "flow" else f"DDPM ({dec.prediction_type})"
+        not_trained += (f"\n\nThe image decoder is a diffusers `{cls}` in `decoder/`, trained with {kind}{space}; its sampling "
+                        f"scheduler is in `scheduler/`. It is conditioned on the text encoder's token states and {pooled}.")
     if metrics:
         rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
         measured = f"| metric | value |\n|---|---|\n{rows}\n\nReproduce with:\n\n```bash\n{command}\n```"

@@ -18,27 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from .config_dicts import config_from_dict, merge_dicts
-from .files import read_regular
-from .presets import PRESETS
+from .files import read_json
+from .presets import LORA_TARGETS, PRESETS, STAGE_PRESETS
 
-__all__ = ["config_from_dict", "merge_dicts"]  # with every class below
+__all__ = ["config_from_dict", "merge_dicts", "read_json"]  # with every class below
 
 ACTIVATIONS = ("gelu", "quick_gelu")
 ATTENTION_BACKENDS = ("auto", "sdpa", "math", "xformers")
 SCHEDULER_NAMES = ("ddim", "dpm++", "euler", "euler_a", "unipc", "ddpm")
+FLOW_SCHEDULERS = ("euler", "dpm++", "unipc")  # with flow sigmas
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "none", "sigma_sqrt", "cosmap")  # diffusers' SD3 training names
 COMPONENTS = ("text", "image", "decoder", "language")
 LOSSES = ("contrastive", "diffusion", "caption")
-
-
-def read_json(path: str | Path, limit: int = 1 << 24) -> Any:
-    """A small JSON file of a model folder (a regular file, at most ``limit`` bytes), or an
-    error naming the file."""
-    try:
-        return json.loads(read_regular(path, limit))
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable JSON file ({err})") from None
 
 
 def _check(ok: bool, message: str) -> None:
@@ -52,8 +43,6 @@ def _choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
 # Upper bounds on sizes: far above any real model, low enough that a typo (or a hostile
 # config.json) is an error, not an attempt to allocate hundreds of gigabytes.
 MAX_WIDTH, MAX_LAYERS, MAX_CONTEXT, MAX_VOCAB, MAX_IMAGE = 16384, 256, 4096, 1_000_000, 4096
-
-
 MAX_BEAMS = 16
 MAX_IMAGES = 64  # generated per prompt, and per command (each image costs memory at every sampling step)
 MAX_BATCH = 256  # generated in one call: more go in several calls
@@ -117,44 +106,70 @@ class ImageEncoderConfig:
 
 @dataclass
 class DecoderConfig:
-    """A diffusers ``UNet2DConditionModel`` in pixel space (images up to 64x64), cross-attending
-    to the shared text encoder's token states, with its training noise schedule."""
+    """The image decoder: a diffusers denoiser (``backbone``: ``unet`` = ``UNet2DConditionModel``
+    cross-attending to the shared text encoder's token states, ``mmdit`` = SD3's
+    ``SD3Transformer2DModel`` attending jointly over image patches and those states), trained with
+    ``objective`` ``ddpm`` (noise / v) or ``flow`` (rectified flow, as SD3), in pixel space or in
+    the latent space of a frozen diffusers VAE (``vae``: a local folder)."""
 
-    image_size: int = 32
+    image_size: int = 32  # of the generated images, in pixels
     channels: int = 3
-    block_out_channels: tuple[int, ...] = (64, 128)
+    backbone: str = "unet"
+    objective: str = "ddpm"
+    vae: str | None = None  # AutoencoderKL / AutoencoderDC folder; None: pixel space (image_size <= 64)
+    block_out_channels: tuple[int, ...] = (64, 128)  # unet, and the next four
     layers_per_block: int = 1
     down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D")
     up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "UpBlock2D")
-    attention_head_dim: int = 32  # channels per head
+    attention_head_dim: int = 32  # channels per head (both backbones)
     norm_num_groups: int = 32
-    # Also condition on the text's unit embedding in the shared space, added to the timestep
-    # embedding of every ResNet block (diffusers class_embed_type "projection", as in unCLIP):
-    # a global signal next to the per-token cross-attention; small decoders learn much faster.
+    width: int = 256  # mmdit: channels of the image and text streams (heads = width / attention_head_dim)
+    num_layers: int = 4  # mmdit: joint blocks
+    patch_size: int = 2  # mmdit: pixels (or latents) per patch side
+    # Also condition on the text's unit embedding, added to the timestep embedding (unet: class_embed_type
+    # "projection", as unCLIP; mmdit: pooled_projections): a global signal; small decoders learn much faster.
     text_embed_conditioning: bool = True
     channels_last: bool = False  # NHWC: often faster on GPUs; ~8% slower per CPU training step
     num_train_timesteps: int = 1000
-    # "linear" (DDPM) keeps epsilon prediction well conditioned (at t = T the cosine schedule's
-    # sqrt(alpha_bar) of 5e-5 amplifies noise errors 20000x); pair "squaredcos_cap_v2" with "v_prediction".
+    # ddpm: "linear" keeps epsilon well conditioned (the cosine schedule's sqrt(alpha_bar(T)) = 5e-5 amplifies noise errors 20000x)
     beta_schedule: str = "linear"
-    prediction_type: str = "epsilon"  # "epsilon" | "v_prediction"
+    prediction_type: str = "epsilon"  # ddpm: "epsilon" | "v_prediction"
+    min_snr_gamma: float | None = None  # ddpm: min-SNR-gamma loss weighting (e.g. 5.0); None = off
+    # flow: noise levels drawn by diffusers' compute_density_for_timestep_sampling and weighted by
+    # compute_loss_weighting_for_sd3 (``weighting_scheme``), shifted by ``flow_shift`` (SD3: 3.0)
+    weighting_scheme: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    flow_shift: float = 1.0
     cfg_dropout: float = 0.1  # probability that a caption is replaced by the empty prompt
-    min_snr_gamma: float | None = None  # min-SNR-gamma loss weighting (e.g. 5.0); None = off
     ema_decay: float = 0.999  # 0 turns the EMA off (validation and export use the raw weights)
 
     def __post_init__(self) -> None:
+        for name, value, choices in (("backbone", self.backbone, ("unet", "mmdit")), ("objective", self.objective, ("ddpm", "flow")),
+                                     ("weighting_scheme", self.weighting_scheme, WEIGHTING_SCHEMES), ("prediction_type", self.prediction_type, ("epsilon", "v_prediction"))):
+            _choice(value, f"decoder.{name}", choices)
         n = len(self.block_out_channels)
         _check(all(1 <= c <= MAX_WIDTH for c in self.block_out_channels) and 1 <= self.layers_per_block <= MAX_LAYERS
                and self.attention_head_dim >= 1 and self.norm_num_groups >= 1 and 2 <= self.num_train_timesteps <= 100_000,
                f"decoder sizes out of range: block_out_channels in [1, {MAX_WIDTH}], layers_per_block in [1, {MAX_LAYERS}], "
                "attention_head_dim and norm_num_groups >= 1, num_train_timesteps in [2, 100000]")
-        _check(n >= 1 and 1 <= self.image_size <= 64 and self.image_size % 2 ** (n - 1) == 0,
-               f"decoder.image_size must be in [1, 64] and divisible by the UNet's downsampling ({2 ** max(n - 1, 0)}), got {self.image_size}")
-        _check(len(self.down_block_types) == n and len(self.up_block_types) == n,
-               "decoder.down_block_types / up_block_types need one entry per block_out_channels")
-        _check(all(c % self.attention_head_dim == 0 and c % self.norm_num_groups == 0 for c in self.block_out_channels),
-               "decoder.block_out_channels must be multiples of attention_head_dim and norm_num_groups")
-        _choice(self.prediction_type, "decoder.prediction_type", ("epsilon", "v_prediction"))
+        _sizes("decoder", width=(self.width, 1, MAX_WIDTH), num_layers=(self.num_layers, 1, MAX_LAYERS), patch_size=(self.patch_size, 1, 64),
+               logit_std=(self.logit_std, 1e-3, 100), logit_mean=(self.logit_mean, -100, 100), flow_shift=(self.flow_shift, 1e-3, 1000),
+               mode_scale=(self.mode_scale, 0, 1.75), image_size=(self.image_size, 1, MAX_IMAGE), channels=(self.channels, 1, 4))
+        _check(self.vae is not None or 1 <= self.image_size <= 64, f"decoder.image_size must be in [1, 64] in pixel space "
+               f"(above: set decoder.vae to a latent space), got {self.image_size}")
+        if self.backbone == "unet":
+            _check(n >= 1 and self.image_size % 2 ** (n - 1) == 0,
+                   f"decoder.image_size must be divisible by the UNet's downsampling ({2 ** max(n - 1, 0)}), got {self.image_size}")
+            _check(len(self.down_block_types) == n and len(self.up_block_types) == n,
+                   "decoder.down_block_types / up_block_types need one entry per block_out_channels")
+            _check(all(c % self.attention_head_dim == 0 and c % self.norm_num_groups == 0 for c in self.block_out_channels),
+                   "decoder.block_out_channels must be multiples of attention_head_dim and norm_num_groups")
+        else:
+            _check(self.width % self.attention_head_dim == 0, f"decoder.width must be a multiple of attention_head_dim, got {self.width}")
+            _check(self.vae is not None or self.image_size % self.patch_size == 0,
+                   f"decoder.image_size must be a multiple of decoder.patch_size ({self.patch_size}), got {self.image_size}")
         _check(0.0 <= self.ema_decay < 1.0, f"decoder.ema_decay must be in [0, 1), got {self.ema_decay}")
         _check(0.0 <= self.cfg_dropout < 1.0, f"decoder.cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
         _check(self.min_snr_gamma is None or self.min_snr_gamma > 0, f"decoder.min_snr_gamma must be > 0 or null, got {self.min_snr_gamma}")
@@ -234,6 +249,9 @@ class FoundationConfig:
     def __post_init__(self) -> None:
         _sizes("config", embed_dim=(self.embed_dim, 1, MAX_WIDTH))
         _choice(self.attention_backend, "attention_backend", ATTENTION_BACKENDS)
+        if self.decoder is not None and self.decoder.objective == "flow":
+            _check(self.sampling.scheduler in FLOW_SCHEDULERS, f"sampling.scheduler must be one of {', '.join(map(repr, FLOW_SCHEDULERS))} "
+                   f"for decoder.objective 'flow', got {self.sampling.scheduler!r}")
         if self.decoder is not None:  # multistep solvers (dpm++, unipc) give NaN at the schedule's length
             _check(self.sampling.steps < self.decoder.num_train_timesteps,
                    f"sampling.steps must be below decoder.num_train_timesteps ({self.decoder.num_train_timesteps}), got {self.sampling.steps}")
@@ -282,13 +300,7 @@ class StageConfig:
         return self.loss_weights[loss] > 0
 
 
-STAGES: dict[str, StageConfig] = {
-    "align": StageConfig({"contrastive": 1.0}, ["decoder", "language"]),
-    "decoder": StageConfig({"diffusion": 1.0}, ["text", "image", "language"]),
-    # CoCa: contrastive and captioning losses in the same step, on the same text encoder pass
-    "language": StageConfig({"contrastive": 1.0, "caption": 2.0}, ["decoder"]),
-    "joint": StageConfig({"contrastive": 1.0, "diffusion": 1.0, "caption": 2.0}, []),
-}
+STAGES: dict[str, StageConfig] = {name: StageConfig(dict(w), list(f)) for name, (w, f) in STAGE_PRESETS.items()}
 
 
 def stage_config(stage: str, loss_weights: dict[str, float] | None = None, freeze: list[str] | None = None) -> StageConfig:
@@ -296,17 +308,6 @@ def stage_config(stage: str, loss_weights: dict[str, float] | None = None, freez
     _choice(stage, "model.stage", tuple(STAGES))
     preset = STAGES[stage]
     return StageConfig({**preset.loss_weights, **(loss_weights or {})}, list(preset.freeze if freeze is None else freeze))
-
-
-# Module-name suffixes (peft matches ``name == t or name.endswith("." + t)``) of the attention and
-# MLP projections: our transformer blocks, and diffusers' transformer blocks inside the UNet.
-_BLOCK_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
-LORA_TARGETS: dict[str, list[str]] = {
-    "text": _BLOCK_TARGETS,
-    "image": _BLOCK_TARGETS,
-    "language": _BLOCK_TARGETS + ["cross_attn.q", "cross_attn.kv", "cross_attn.proj"],
-    "decoder": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
-}
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from diffusion.schedule import SCHEDULERS
+from diffusion.schedule import scheduler_names
 
 from .config import DemoLimits
 from .knowledge import UnseenWordsWarning, trained_components, unseen_message
@@ -146,6 +146,7 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
     lock = threading.Lock()  # one model, shared by the queue's workers: one call at a time
     gallery = example_images() if gallery is None else gallery
     has_decoder, has_language = pipe.model.decoder is not None, pipe.model.language is not None
+    schedulers = scheduler_names(pipe.model.config.decoder)
     sampling = pipe.model.config.sampling  # the model's recommended settings: the page's defaults
 
     @_answering
@@ -156,8 +157,8 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
         guidance = _number(guidance, "guidance", 0, limits.max_guidance, integer=False)
         seed = _number(seed, "seed", 0, 2**31 - 1)
         count = _number(num_images, "number of images", 1, limits.max_images)
-        if scheduler not in SCHEDULERS:
-            raise _error(f"scheduler must be one of {', '.join(sorted(SCHEDULERS))}, got {scheduler!r}")
+        if scheduler not in schedulers:
+            raise _error(f"scheduler must be one of {', '.join(schedulers)}, got {scheduler!r}")
         if not has_decoder:
             raise _error("this model has no diffusion decoder")
         pipe._require("text", "decoder")
@@ -245,7 +246,7 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
                     g_guidance = gr.Slider(0, limits.max_guidance, value=min(sampling.guidance_scale, limits.max_guidance),
                                            step=0.5, label="Guidance")
                     g_seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
-                    g_scheduler = gr.Dropdown(sorted(SCHEDULERS), value=pipe.scheduler, label="Scheduler")
+                    g_scheduler = gr.Dropdown(schedulers, value=pipe.scheduler, label="Scheduler")
                     g_count = gr.Slider(1, limits.max_images, value=min(4, limits.max_images), step=1, label="Number of images")
                     g_button = gr.Button("Generate", variant="primary")
                 with gr.Column():

@@ -4,6 +4,7 @@ them), and the one way user files are opened for reading: regular files only."""
 from __future__ import annotations
 
 import io  # noqa: F401 - named in annotations
+import json
 import os
 import stat
 
@@ -11,6 +12,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
 DECODER_DIR = "decoder"  # the denoiser in diffusers' own folder format
+SCHEDULER_DIR = "scheduler"  # its recommended sampling scheduler's config (diffusers)
+VAE_DIR = "vae"  # a latent decoder's frozen VAE (diffusers)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Files that hold pickles: never loaded, named in errors.
@@ -60,3 +63,14 @@ def read_regular(path: str | os.PathLike[str], limit: int | None = None) -> byte
 
 class NotARegularFileError(OSError):
     """A path that is a pipe, socket or device: reading it could block forever."""
+
+
+def read_json(path: str | os.PathLike[str], limit: int = 1 << 24) -> object:
+    """A small JSON file of a model folder (a regular file, at most ``limit`` bytes), or an
+    error naming the file."""
+    try:
+        return json.loads(read_regular(path, limit))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable JSON file ({err})") from None

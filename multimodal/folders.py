@@ -47,6 +47,42 @@ def load_weights(path: str | Path, device: str = "cpu") -> dict:
     return state
 
 
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderDC")
+
+
+def load_vae(path: str | Path):
+    """A frozen diffusers VAE (``AutoencoderKL`` / ``AutoencoderDC``) from a local folder in
+    diffusers' format; only safetensors weights are read, never from the network, and NaN/inf
+    weights are refused."""
+    import diffusers
+    import torch
+
+    from .files import read_json
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"decoder.vae: {folder} is not a diffusers VAE folder (no config.json)")
+    config = read_json(folder / "config.json")
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    if name not in VAE_CLASSES:
+        raise ValueError(f"decoder.vae: {folder}/config.json is a {name!r}, not one of {', '.join(VAE_CLASSES)}")
+    if config.get("latents_mean") is not None:
+        raise ValueError(f"decoder.vae: {folder} normalizes latents per channel (latents_mean / latents_std): not supported; "
+                         "use a VAE with scaling_factor / shift_factor (SD, SDXL, SD3, Flux, DC-AE)")
+    try:  # diffusers' loader: key renames of older VAEs, sharded weights; safetensors only, never the network
+        vae = getattr(diffusers, name).from_pretrained(str(folder), use_safetensors=True, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"decoder.vae: {folder} could not be loaded (safetensors weights only; pickle files are never "
+                         f"loaded): {first}") from None
+    damaged = [n for n, p in vae.named_parameters() if not bool(torch.isfinite(p).all())]
+    if damaged:
+        raise ValueError(f"decoder.vae: {folder} holds NaN/inf values (first: {damaged[0]})")
+    if hasattr(vae, "enable_slicing"):  # decode large batches one image at a time (memory at 256 px and up)
+        vae.enable_slicing()
+    return vae.eval().requires_grad_(False)
+
+
 def write_folder(target: str | Path, write: Callable[[Path], object], overwrite: bool = False, what: str = "out",
                  inputs: Iterable[str | Path] = ()) -> Path:
     """Run ``write(folder)`` on a fresh hidden folder beside ``target``, then put it in

@@ -25,7 +25,7 @@ def caption_loss(out: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def denoising_loss(out: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-sample MSE between the denoiser's prediction and its target, times the objective's
-    per-sample weight (min-SNR-gamma, or 1), averaged over the batch."""
+    per-sample weight (ddpm: min-SNR-gamma or 1; flow: diffusers' SD3 weighting), averaged over the batch."""
     per_sample = (out["denoise_pred"].float() - out["denoise_target"].float()).pow(2).flatten(1).mean(1)  # [n]
     return (per_sample * out["denoise_weight"]).mean()
 

@@ -5,6 +5,7 @@ import."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +15,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from diffusion.decoder import Decoder, TextCondition
-from diffusion.schedule import DDPMObjective
+from diffusion.schedule import make_objective
 from encoders.blocks import KVCache
 from encoders.dual import DualEncoder
 from encoders.tokenizer import Tokenizer
 
 from . import lora
 from .config import AdapterConfig, FoundationConfig, merge_dicts
-from .folders import load_weights, write_folder
-from .files import CARD_NAME, CONFIG_NAME, DECODER_DIR, PICKLE_SUFFIXES, WEIGHTS_NAME
+from .folders import load_vae, load_weights, write_folder
+from .files import CARD_NAME, CONFIG_NAME, DECODER_DIR, PICKLE_SUFFIXES, SCHEDULER_DIR, VAE_DIR, WEIGHTS_NAME
 from .knowledge import load_vocabulary, save_vocabulary
 from .language import LanguageHead
 
@@ -35,9 +36,10 @@ class FoundationModel(nn.Module):
         super().__init__()
         self.config = config
         self.encoders = DualEncoder(config)
-        self.decoder = (
-            Decoder(config.decoder, config.text.width, config.embed_dim, config.attention_backend) if config.decoder is not None else None
-        )
+        self.decoder = None
+        if config.decoder is not None:  # a latent decoder loads its frozen VAE from the folder named
+            vae = load_vae(config.decoder.vae) if config.decoder.vae is not None else None
+            self.decoder = Decoder(config.decoder, config.text.width, config.embed_dim, config.attention_backend, vae)
         self.language = (
             LanguageHead(config.language, config.text.width, config.image.width, config.attention_backend)
             if config.language is not None
@@ -50,7 +52,7 @@ class FoundationModel(nn.Module):
         self.name_or_path: str | None = None
         self.register_buffer("pixel_mean", torch.tensor(config.image.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.image.std).view(1, -1, 1, 1), persistent=False)
-        self.objective = DDPMObjective(config.decoder) if config.decoder is not None else None
+        self.objective = make_objective(config.decoder) if config.decoder is not None else None
         self.set_grad_checkpointing(config.grad_checkpointing)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -141,14 +143,15 @@ class FoundationModel(nn.Module):
         return cond
 
     def denoise(self, images: torch.Tensor, cond: TextCondition) -> dict[str, torch.Tensor]:
-        """One draw of the denoising objective on clean ``images`` [n, C, S, S] in [0, 1]."""
+        """One draw of the denoising objective on clean ``images`` [n, C, S, S] in [0, 1]
+        (on the VAE's latents when the decoder has one)."""
         if self.decoder is None:
             raise ValueError("the diffusion loss needs a model with a decoder (config.decoder)")
         size = self.config.decoder.image_size
         if images.shape[-1] != size:  # e.g. a 224-pixel image tower beside a 64-pixel decoder
             images = F.interpolate(images, size=size, mode="bicubic", antialias=True).clamp(0, 1)
-        task = self.objective.draw(images * 2 - 1)
-        pred = self.decoder(task.noisy, task.timesteps, cond)  # [n, C, S, S]
+        task = self.objective.draw(self.decoder.to_latents(images * 2 - 1))  # [n, C', S', S']
+        pred = self.decoder(task.noisy, task.timesteps, cond)  # [n, C', S', S']
         return {"denoise_pred": pred, "denoise_target": task.target, "denoise_weight": task.weight}
 
     def normalize_pixels(self, images: torch.Tensor) -> torch.Tensor:
@@ -222,7 +225,11 @@ class FoundationModel(nn.Module):
             model_card = default_card(self.config)
 
         def write(folder: Path) -> None:
-            self.config.save(folder / CONFIG_NAME)
+            config = self.config
+            if config.decoder is not None and config.decoder.vae is not None:  # the VAE travels with the model
+                self.decoder.vae.save_pretrained(str(folder / VAE_DIR), safe_serialization=True)
+                config = dataclasses.replace(config, decoder=dataclasses.replace(config.decoder, vae=VAE_DIR))
+            config.save(folder / CONFIG_NAME)
             cast = lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v  # noqa: E731
             state = {k: cast(v.detach()).contiguous().cpu() for k, v in self.state_dict().items()}
             save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -231,6 +238,9 @@ class FoundationModel(nn.Module):
                 save_vocabulary(folder, self.vocabulary)
             if self.decoder is not None:  # also in diffusers' own format, for diffusers users
                 self.decoder.save_diffusers(folder / DECODER_DIR, dtype=dtype)
+                from diffusion.schedule import sampling_scheduler
+
+                sampling_scheduler(self.config.sampling.scheduler, self.config.decoder).save_pretrained(str(folder / SCHEDULER_DIR))
 
         return write_folder(directory, write, overwrite, what="directory")
 
@@ -250,7 +260,10 @@ class FoundationModel(nn.Module):
             found = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
             extra = f" (found {found}; pickle files are never loaded)" if found else ""
             raise ValueError(f"{directory} has no {WEIGHTS_NAME}{extra}")
-        model = cls(FoundationConfig.load(directory / CONFIG_NAME))
+        config = FoundationConfig.load(directory / CONFIG_NAME)
+        if config.decoder is not None and config.decoder.vae is not None and not Path(config.decoder.vae).is_absolute():
+            config.decoder.vae = str((directory / config.decoder.vae).resolve())  # the copy saved beside the weights
+        model = cls(config)
         state = load_weights(directory / WEIGHTS_NAME)
         missing = sorted(set(model.state_dict()) - set(state))
         unexpected = sorted(set(state) - set(model.state_dict()))

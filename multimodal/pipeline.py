@@ -15,10 +15,10 @@ from PIL import Image
 
 from diffusion.decoder import TextCondition
 from diffusion.sampling import sample
-from diffusion.schedule import sampling_scheduler
+from diffusion.schedule import sampling_scheduler, scheduler_names
 
 from .checks import MAX_GUIDANCE, OUTPUT_TYPES, check_finite, check_generation_inputs, is_int, texts_arg  # noqa: F401
-from .config import SCHEDULER_NAMES, GenerationArgs
+from .config import GenerationArgs
 from .knowledge import UnseenWordsWarning, check_trained, unseen_message, unseen_words
 from .language import generate_tokens
 from .losses import token_log_likelihood
@@ -70,8 +70,9 @@ class FoundationPipeline:
     ):
         self.model = model.eval()
         self.allow_untrained = allow_untrained
-        if scheduler is not None and scheduler not in SCHEDULER_NAMES:
-            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULER_NAMES)}, got {scheduler!r}")
+        names = scheduler_names(model.config.decoder)  # a flow-matching decoder takes fewer
+        if scheduler is not None and scheduler not in names:
+            raise ValueError(f"scheduler must be one of {', '.join(names)}, got {scheduler!r}")
         self.scheduler = scheduler or model.config.sampling.scheduler
         self.prompt_filter, self.output_checker = compile_prompt_filter(prompt_filter), output_checker
         self._warned_unfiltered = False

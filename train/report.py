@@ -38,8 +38,9 @@ MAX_CLASSIFIER_IMAGES = 5000  # real training images the pixel classifier is fit
 
 # ---- generating -----------------------------------------------------------------------------------
 @torch.no_grad()
-def generate_fixed(model: Any, prompts: list[str], device: torch.device, batch: int = 128) -> torch.Tensor:
-    """Images [N, C, S, S] in [0, 1] with the model's recommended sampling settings, image i
+def generate_fixed(model: Any, prompts: list[str], device: torch.device, batch: int = 128, **settings: Any) -> torch.Tensor:
+    """Images [N, C, S, S] in [0, 1] with the model's recommended sampling settings (or the
+    ``settings`` given: ``scheduler``, ``num_inference_steps``, ``guidance_scale``), image i
     seeded with i (comparable across validations, and with the API, CLI and demo). Samples that
     are not finite come back black with a warning: an unstable decoder scores badly instead of
     stopping a run."""
@@ -50,7 +51,7 @@ def generate_fixed(model: Any, prompts: list[str], device: torch.device, batch: 
             warnings.filterwarnings("ignore", message="generating without a prompt filter")
             try:
                 gens = [torch.Generator(device).manual_seed(start + i) for i in range(len(chunk))]
-                out.append(pipe(chunk, output_type="pt", show_progress=False, generator=gens).images)
+                out.append(pipe(chunk, output_type="pt", show_progress=False, generator=gens, **settings).images)
             except FloatingPointError as err:
                 warnings.warn(f"evaluation samples are not finite ({err}); scored as black images")
                 size = model.config.decoder.image_size
@@ -65,7 +66,7 @@ def untrained_decoder(model: Any) -> Any:
     baseline = copy.deepcopy(model)
     torch.manual_seed(0)
     cfg = model.config
-    baseline.decoder = Decoder(cfg.decoder, cfg.text.width, cfg.embed_dim, cfg.attention_backend).to(model.pixel_mean.device)
+    baseline.decoder = Decoder(cfg.decoder, cfg.text.width, cfg.embed_dim, cfg.attention_backend, model.decoder.vae).to(model.pixel_mean.device)
     return baseline.eval()
 
 

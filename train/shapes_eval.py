@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from multimodal.config import SCHEDULER_NAMES
 from multimodal.pipeline import FoundationPipeline
 
 from . import shapes
@@ -23,27 +24,35 @@ from .report import generate_fixed
 
 class ShapesGeneration(Evaluator):
     """Share of generated images (fixed prompts and seeds, EMA decoder, the model's sampling
-    settings) in which the analyzer reads the prompt's color+shape (``gen_cs_*``) and all four
-    attributes (``gen_full_*``), for held-out and held-in prompts (``num_prompts`` in all)."""
+    settings unless ``scheduler`` / ``steps`` / ``guidance_scale`` are given) in which the
+    analyzer reads the prompt's color+shape (``gen_cs_*``) and all four attributes
+    (``gen_full_*``), for held-out and held-in prompts (``num_prompts`` in all); with other
+    settings the names end in ``_{scheduler}{steps}`` (e.g. ``gen_cs_heldout_euler8``)."""
 
     rank_zero_only = True
 
-    def __init__(self, num_prompts: int = 64):
+    def __init__(self, num_prompts: int = 64, scheduler: str | None = None, steps: int | None = None,
+                 guidance_scale: float | None = None):
         if num_prompts < 2:
             raise ValueError(f"num_prompts must be at least 2 (held-out and held-in), got {num_prompts}")
         self.num_prompts = num_prompts
+        if scheduler is not None and scheduler not in SCHEDULER_NAMES:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULER_NAMES)}, got {scheduler!r}")
+        self.settings = {k: v for k, v in (("scheduler", scheduler), ("num_inference_steps", steps), ("guidance_scale", guidance_scale))
+                         if v is not None}
+        self.suffix = "" if not self.settings else f"_{scheduler or ''}{steps or ''}" + (f"_g{guidance_scale:g}" if guidance_scale is not None else "")
 
     def evaluate(self, model, data, generator, out_dir):
         if model.decoder is None:
             return {}
         prompts = shapes.generation_prompts(self.num_prompts)
-        images = generate_fixed(model, [p for p, _, _ in prompts], model.pixel_mean.device)
+        images = generate_fixed(model, [p for p, _, _ in prompts], model.pixel_mean.device, **self.settings)
         scores = shapes.fidelity(images.permute(0, 2, 3, 1).cpu().numpy(), [t for _, t, _ in prompts])
         metrics = {}
         for split, held in (("heldout", True), ("heldin", False)):
             idx = [i for i, (_, _, h) in enumerate(prompts) if h == held]
             for kind in ("cs", "full"):
-                metrics[f"gen_{kind}_{split}"] = sum(scores[kind][i] for i in idx) / max(1, len(idx))
+                metrics[f"gen_{kind}_{split}{self.suffix}"] = sum(scores[kind][i] for i in idx) / max(1, len(idx))
         return metrics
 
 

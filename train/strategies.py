@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
 from lightning.pytorch.strategies import FSDPStrategy
 
 from encoders.blocks import TransformerBlock
 
 # The units FSDP shards and gathers one at a time: every transformer block of the text and
-# image encoders and the language head, and the decoder UNet's transformer blocks.
-WRAP_UNITS = {TransformerBlock, BasicTransformerBlock}
+# image encoders and the language head, the decoder UNet's transformer blocks and the MMDiT's joint blocks.
+WRAP_UNITS = {TransformerBlock, BasicTransformerBlock, JointTransformerBlock}
 
 
 class BlockFSDP(FSDPStrategy):
