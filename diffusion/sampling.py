@@ -33,6 +33,9 @@ def sample(
     device = cond.states.device
     x = torch.stack([torch.randn(decoder.sample_shape, generator=g, device=device, dtype=torch.float32) for g in generators])
     scheduler.set_timesteps(num_inference_steps, device=device)
+    if len(set(scheduler.timesteps.tolist())) < len(scheduler.timesteps):  # multistep solvers lose their place
+        raise ValueError(f"num_inference_steps {num_inference_steps} gives repeated timesteps with the {type(scheduler).__name__} "
+                         "of this decoder (flow_shift): use fewer steps or the euler scheduler")
     x = x * getattr(scheduler, "init_noise_sigma", 1.0)  # flow schedulers start at pure noise
     scale = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
     guided = guidance_scale != 1.0

@@ -66,6 +66,16 @@ def load_vae(path: str | Path):
     name = config.get("_class_name") if isinstance(config, dict) else None
     if name not in VAE_CLASSES:
         raise ValueError(f"decoder.vae: {folder}/config.json is a {name!r}, not one of {', '.join(VAE_CLASSES)}")
+    import math
+
+    scale, shift = config.get("scaling_factor", 0.18215), config.get("shift_factor")
+    widths = config.get("block_out_channels", config.get("encoder_block_out_channels"))
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0
+            and (shift is None or (isinstance(shift, (int, float)) and math.isfinite(shift)))):
+        raise ValueError(f"decoder.vae: {folder}/config.json needs a finite scaling_factor > 0 and a finite shift_factor (or null)")
+    if not (isinstance(widths, list) and 1 <= len(widths) <= 8 and all(isinstance(w, int) and 1 <= w <= 4096 for w in widths)
+            and isinstance(config.get("latent_channels", 4), int) and 1 <= config.get("latent_channels", 4) <= 256):
+        raise ValueError(f"decoder.vae: {folder}/config.json sizes out of range: 1-8 block widths in [1, 4096], latent_channels in [1, 256]")
     if config.get("latents_mean") is not None:
         raise ValueError(f"decoder.vae: {folder} normalizes latents per channel (latents_mean / latents_std): not supported; "
                          "use a VAE with scaling_factor / shift_factor (SD, SDXL, SD3, Flux, DC-AE)")
@@ -75,6 +85,9 @@ def load_vae(path: str | Path):
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"decoder.vae: {folder} could not be loaded (safetensors weights only; pickle files are never "
                          f"loaded): {first}") from None
+    missing = [n for n, p in vae.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"decoder.vae: {folder} is missing weights (first: {missing[0]})")
     damaged = [n for n, p in vae.named_parameters() if not bool(torch.isfinite(p).all())]
     if damaged:
         raise ValueError(f"decoder.vae: {folder} holds NaN/inf values (first: {damaged[0]})")

@@ -261,8 +261,12 @@ class FoundationModel(nn.Module):
             extra = f" (found {found}; pickle files are never loaded)" if found else ""
             raise ValueError(f"{directory} has no {WEIGHTS_NAME}{extra}")
         config = FoundationConfig.load(directory / CONFIG_NAME)
-        if config.decoder is not None and config.decoder.vae is not None and not Path(config.decoder.vae).is_absolute():
-            config.decoder.vae = str((directory / config.decoder.vae).resolve())  # the copy saved beside the weights
+        if config.decoder is not None and config.decoder.vae is not None:  # only the copy saved beside the weights
+            vae = (directory / config.decoder.vae).resolve()
+            if Path(config.decoder.vae).is_absolute() or not vae.is_relative_to(directory.resolve()):
+                raise ValueError(f"{directory / CONFIG_NAME}: decoder.vae must name a folder inside the model folder "
+                                 f"(saved models use {VAE_DIR!r}), got {config.decoder.vae!r}")
+            config.decoder.vae = str(vae)
         model = cls(config)
         state = load_weights(directory / WEIGHTS_NAME)
         missing = sorted(set(model.state_dict()) - set(state))

@@ -269,3 +269,30 @@ def test_lora_adapts_the_mmdit_joint_attention_and_starts_as_the_identity():
     assert names and all(hasattr(model.decoder.get_submodule(n), "lora_A") for n in names)
     with torch.no_grad():
         torch.testing.assert_close(model.decoder(sample, t, cond), before, atol=1e-6, rtol=0)
+
+
+def test_hostile_vae_configs_folders_and_schedules_are_one_line_errors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _tiny_vae(tmp_path / "part")  # a weights file without the decoder half
+    weights = tmp_path / "part" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v for k, v in load_file(str(weights)).items() if not k.startswith("decoder.")}, str(weights))
+    with pytest.raises(ValueError, match="is missing weights"):
+        _model({"vae": str(tmp_path / "part")})
+    for key, value in (("scaling_factor", 0), ("scaling_factor", "x"), ("latent_channels", 50000), ("block_out_channels", [])):
+        _tiny_vae(tmp_path / "bad")
+        cfg = json.loads((tmp_path / "bad" / "config.json").read_text())
+        (tmp_path / "bad" / "config.json").write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(ValueError, match="decoder.vae: .*config.json"):
+            _model({"vae": str(tmp_path / "bad")})
+    _tiny_vae(tmp_path / "v")
+    saved = _model({"vae": str(tmp_path / "v"), "patch_size": 2}).save_pretrained(tmp_path / "m")
+    cfg = json.loads((saved / "config.json").read_text())
+    for elsewhere in (str(tmp_path / "v"), "../v"):  # a saved folder names only its own copy
+        cfg["decoder"]["vae"] = elsewhere
+        (saved / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match="decoder.vae must name a folder inside the model folder"):
+            FoundationModel.from_pretrained(saved)
+    pipe = FoundationPipeline(_model({"flow_shift": 50.0}), allow_untrained=True)
+    with pytest.raises(ValueError, match="repeated timesteps"):
+        pipe(["a red circle"], scheduler="unipc", num_inference_steps=25, show_progress=False)

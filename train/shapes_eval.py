@@ -40,7 +40,12 @@ class ShapesGeneration(Evaluator):
             raise ValueError(f"scheduler must be one of {', '.join(SCHEDULER_NAMES)}, got {scheduler!r}")
         self.settings = {k: v for k, v in (("scheduler", scheduler), ("num_inference_steps", steps), ("guidance_scale", guidance_scale))
                          if v is not None}
-        self.suffix = "" if not self.settings else f"_{scheduler or ''}{steps or ''}" + (f"_g{guidance_scale:g}" if guidance_scale is not None else "")
+        if steps is not None and not (isinstance(steps, int) and 1 <= steps <= 999):
+            raise ValueError(f"steps must be an integer in [1, 999], got {steps}")
+        if guidance_scale is not None and not 0 <= guidance_scale <= 100:
+            raise ValueError(f"guidance_scale must be in [0, 100], got {guidance_scale}")
+        tag = f"{scheduler or ''}{steps or ''}" + (f"{'_' if scheduler or steps else ''}g{guidance_scale:g}" if guidance_scale is not None else "")
+        self.suffix = f"_{tag}" if tag else ""
 
     def evaluate(self, model, data, generator, out_dir):
         if model.decoder is None:
