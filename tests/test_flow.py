@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import assert_same_computation
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
 
@@ -268,7 +269,9 @@ def test_lora_adapts_the_mmdit_joint_attention_and_starts_as_the_identity():
     names = [n for n, _ in model.decoder.named_modules() if n.endswith(("attn.add_q_proj", "attn.to_q"))]
     assert names and all(hasattr(model.decoder.get_submodule(n), "lora_A") for n in names)
     with torch.no_grad():
-        torch.testing.assert_close(model.decoder(sample, t, cond), before, atol=1e-6, rtol=0)
+        # zero-initialized LoRA B adds zeros: only summation order may differ, bounded by fp32 eps per layer
+        assert_same_computation(model.decoder(sample, t, cond), before, reduction=model.config.decoder.width,
+                                depth=model.config.decoder.num_layers)
 
 
 def test_hostile_vae_configs_folders_and_schedules_are_one_line_errors(tmp_path):
