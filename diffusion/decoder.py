@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 from torch import nn
 
 from .processor import CoreAttnProcessor
 
 if TYPE_CHECKING:  # the config module imports nothing of ours: no cycle
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+
     from multimodal.config import DecoderConfig
 
 
@@ -40,6 +41,8 @@ class TextCondition(NamedTuple):
 
 def build_unet(config: "DecoderConfig", cross_attention_dim: int, text_embed_dim: int | None, channels: int, size: int) -> UNet2DConditionModel:
     """The UNet denoiser over [B, channels, size, size] (pixels or latents)."""
+    from diffusers import UNet2DConditionModel  # imported here: diffusers takes seconds to import
+
     widths = tuple(config.block_out_channels)
     if size % 2 ** (len(widths) - 1):
         raise ValueError(f"the denoiser's input size ({size}) must be divisible by the UNet's downsampling ({2 ** (len(widths) - 1)})")
@@ -68,6 +71,8 @@ def build_mmdit(config: "DecoderConfig", cross_attention_dim: int, text_embed_di
     the first prediction is zero), which trains faster than the default init at every size."""
     if size % config.patch_size:
         raise ValueError(f"decoder.patch_size ({config.patch_size}) must divide the denoiser's input size ({size})")
+    from diffusers import SD3Transformer2DModel
+
     model = SD3Transformer2DModel(
         sample_size=size,
         patch_size=config.patch_size,

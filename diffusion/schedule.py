@@ -8,31 +8,30 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, NamedTuple
 
+import importlib
+
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    UniPCMultistepScheduler,
-)
 
 if TYPE_CHECKING:  # the config module imports nothing of ours: no cycle
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
     from multimodal.config import DecoderConfig
 
+# diffusers scheduler classes by name, imported on first use (importing diffusers takes seconds,
+# and the commands that never sample should not pay for it)
 SCHEDULERS = {
-    "ddim": DDIMScheduler,
-    "dpm++": DPMSolverMultistepScheduler,
-    "euler": EulerDiscreteScheduler,
-    "euler_a": EulerAncestralDiscreteScheduler,
-    "unipc": UniPCMultistepScheduler,
-    "ddpm": DDPMScheduler,
+    "ddim": "DDIMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "ddpm": "DDPMScheduler",
 }
+FLOW_SCHEDULERS = {"euler": "FlowMatchEulerDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler"}
 
 
-FLOW_SCHEDULERS = {"euler": FlowMatchEulerDiscreteScheduler, "dpm++": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}
+def _diffusers(name: str):
+    return getattr(importlib.import_module("diffusers"), name)
 
 
 def scheduler_names(config: "DecoderConfig | None") -> list[str]:
@@ -43,8 +42,8 @@ def scheduler_names(config: "DecoderConfig | None") -> list[str]:
 def train_scheduler(config: "DecoderConfig") -> DDPMScheduler | FlowMatchEulerDiscreteScheduler:
     """The training noise schedule; sampling schedulers are built from its config."""
     if config.objective == "flow":
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.num_train_timesteps, shift=config.flow_shift)
-    return DDPMScheduler(
+        return _diffusers("FlowMatchEulerDiscreteScheduler")(num_train_timesteps=config.num_train_timesteps, shift=config.flow_shift)
+    return _diffusers("DDPMScheduler")(
         num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
         prediction_type=config.prediction_type, clip_sample=False,
     )
@@ -59,15 +58,15 @@ def sampling_scheduler(name: str, config: "DecoderConfig"):
         if name == "euler":
             return train_scheduler(config)
         extra = {"algorithm_type": "dpmsolver++"} if name == "dpm++" else {}
-        return FLOW_SCHEDULERS[name](num_train_timesteps=config.num_train_timesteps, use_flow_sigmas=True,
-                                     prediction_type="flow_prediction", flow_shift=config.flow_shift, **extra)
+        return _diffusers(FLOW_SCHEDULERS[name])(num_train_timesteps=config.num_train_timesteps, use_flow_sigmas=True,
+                                                 prediction_type="flow_prediction", flow_shift=config.flow_shift, **extra)
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {name!r}")
     base = train_scheduler(config).config
     extra = {"algorithm_type": "dpmsolver++"} if name == "dpm++" else {}
     if name == "ddim":
         extra = {"set_alpha_to_one": False}
-    return SCHEDULERS[name].from_config(base, **extra)
+    return _diffusers(SCHEDULERS[name]).from_config(base, **extra)
 
 
 class DenoisingTask(NamedTuple):

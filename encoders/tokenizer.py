@@ -2,8 +2,38 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+
 import torch
-from open_clip.tokenizer import SimpleTokenizer
+
+
+def _open_clip_tokenizer_module():
+    """open_clip's ``tokenizer`` module, the same file, without running the package's
+    ``__init__`` (which imports torchvision and every model: seconds that a command that only
+    tokenizes should not wait). Loaded under a private name, so ``import open_clip`` later
+    stays exactly as open_clip makes it."""
+    if "open_clip" in sys.modules:
+        return importlib.import_module("open_clip.tokenizer")
+    name = "_open_clip_tokenizer"
+    if name in sys.modules:
+        return sys.modules[name]
+    package = importlib.util.find_spec("open_clip")  # locates the package without importing it
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("open_clip (pip install open-clip-torch) provides the tokenizer")
+    path = f"{package.submodule_search_locations[0]}/tokenizer.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        del sys.modules[name]
+        raise
+    return module
+
+
+SimpleTokenizer = _open_clip_tokenizer_module().SimpleTokenizer
 
 
 class Tokenizer:

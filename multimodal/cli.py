@@ -127,7 +127,7 @@ def _generate(args: argparse.Namespace) -> int:
     paths = [target] if args.num_images == 1 else [target.with_name(f"{target.stem}_{i}{target.suffix}") for i in range(args.num_images)]
     for path in paths:  # before sampling: nothing is computed for an output that cannot be written
         check_image_path(path, args.overwrite, "--out")
-    pipe = _pipeline(args, scheduler=args.scheduler)  # None: the model's recommended settings (config.sampling)
+    pipe = _pipeline(args, scheduler=args.scheduler, components=("decoder",))  # None: the model's recommended settings (config.sampling)
     out = pipe(
         args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
         num_images_per_prompt=args.num_images,
@@ -147,7 +147,7 @@ def _caption(args: argparse.Namespace) -> int:
     from .files import check_files
 
     check_files(args.images, "images")
-    pipe = _pipeline(args)
+    pipe = _pipeline(args, components=("language",))
     captions = pipe.caption(
         args.images, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.sample,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=torch.Generator().manual_seed(args.seed),
@@ -165,7 +165,7 @@ def _classify(args: argparse.Namespace) -> int:
         raise ValueError(f"--top must be at least 1, got {args.top}")
     if (args.labels is None) == (args.support is None):
         raise ValueError("give --labels (zero-shot) or --support (few-shot from labeled examples), not both or neither")
-    pipe = _pipeline(args)
+    pipe = _pipeline(args, components=())  # the encoders alone
     if args.support is not None:  # few-shot: class prototypes from k examples per class
         from .adapt import labeled_folder
 
@@ -196,7 +196,7 @@ def _complete(args: argparse.Namespace) -> int:
     from .files import check_files
 
     check_files([args.image] if args.image is not None else [], "--image")
-    pipe = _pipeline(args)
+    pipe = _pipeline(args, components=("language",))
     images = [args.image] if args.image is not None else None
     print(pipe.complete([args.text], images=images, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)[0])
     _warn_unseen(pipe, args.text)
@@ -209,7 +209,7 @@ def _probe(args: argparse.Namespace) -> int:
 
     paths, labels, classes = labeled_folder(args.data)
     templates = args.templates or DEFAULT_TEMPLATES
-    pipe = _pipeline(args)
+    pipe = _pipeline(args, components=())
     print(probe(pipe, [str(p) for p in paths], labels, classes, templates, args.test_fraction, args.shots, args.seed))
     return 0
 

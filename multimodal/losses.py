@@ -4,17 +4,24 @@ per-token log-likelihood that ``FoundationPipeline.score`` shares with the capti
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
-from open_clip.loss import ClipLoss
 from torch import nn
 
 from .config import LOSSES
 
+if TYPE_CHECKING:  # open_clip is imported where a loss is built: importing it takes seconds
+    from open_clip.loss import ClipLoss
+
 
 def contrastive_loss(out: dict[str, torch.Tensor], clip_loss: ClipLoss | None = None) -> torch.Tensor:
     """Symmetric InfoNCE over the batch (image->text and text->image), CLIP's loss."""
-    clip_loss = clip_loss or ClipLoss()
+    if clip_loss is None:
+        from open_clip.loss import ClipLoss
+
+        clip_loss = ClipLoss()
     return clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
 
 
@@ -54,6 +61,8 @@ class FoundationLoss(nn.Module):
         if unknown:
             raise ValueError(f"loss weights: unknown loss(es) {unknown}; known: {', '.join(LOSSES)}")
         self.weights = {k: float(w) for k, w in weights.items() if w > 0}
+        from open_clip.loss import ClipLoss
+
         self.clip_loss = ClipLoss(
             local_loss=world_size > 1, gather_with_grad=world_size > 1, cache_labels=True, rank=rank, world_size=world_size,
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -31,18 +32,29 @@ from .language import LanguageHead
 HEADS = ("contrastive", "caption", "diffusion")
 
 
+# The heads a model may have besides its two encoders (``components`` of ``from_pretrained``).
+OPTIONAL_HEADS = ("decoder", "language")
+
+
 class FoundationModel(nn.Module):
-    def __init__(self, config: FoundationConfig):
+    def __init__(self, config: FoundationConfig, components: Iterable[str] | None = None):
+        """``components``: which of the config's optional heads to build (``decoder``,
+        ``language``; None: all). A head left out is not built (nor diffusers imported for it):
+        the model answers for what it has and refuses to save (``skipped`` names the rest)."""
         super().__init__()
         self.config = config
+        wanted = set(OPTIONAL_HEADS if components is None else components)
+        if not wanted <= set(OPTIONAL_HEADS):
+            raise ValueError(f"components must be among {OPTIONAL_HEADS}, got {sorted(wanted - set(OPTIONAL_HEADS))}")
+        self.skipped = tuple(h for h in OPTIONAL_HEADS if getattr(config, h) is not None and h not in wanted)
         self.encoders = DualEncoder(config)
         self.decoder = None
-        if config.decoder is not None:  # a latent decoder loads its frozen VAE from the folder named
+        if config.decoder is not None and "decoder" in wanted:  # a latent decoder loads its frozen VAE from the folder named
             vae = load_vae(config.decoder.vae) if config.decoder.vae is not None else None
             self.decoder = Decoder(config.decoder, config.text.width, config.embed_dim, config.attention_backend, vae)
         self.language = (
             LanguageHead(config.language, config.text.width, config.image.width, config.attention_backend)
-            if config.language is not None
+            if config.language is not None and "language" in wanted
             else None
         )
         self.tokenizer = Tokenizer(config.text.context_length)
@@ -52,7 +64,7 @@ class FoundationModel(nn.Module):
         self.name_or_path: str | None = None
         self.register_buffer("pixel_mean", torch.tensor(config.image.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.image.std).view(1, -1, 1, 1), persistent=False)
-        self.objective = make_objective(config.decoder) if config.decoder is not None else None
+        self.objective = make_objective(config.decoder) if self.decoder is not None else None
         self.set_grad_checkpointing(config.grad_checkpointing)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -61,6 +73,13 @@ class FoundationModel(nn.Module):
         for part in (self.decoder, self.language):
             if part is not None:
                 part.set_grad_checkpointing(enable)
+
+    def require(self, head: str) -> None:
+        """Raise a ValueError saying why ``head`` (``decoder`` / ``language``) is not here."""
+        if getattr(self, head) is None:
+            what = {"decoder": "diffusion decoder", "language": "language head"}[head]
+            raise ValueError(f"this model was loaded without its {what} (components=...): load it with {head!r} among the components"
+                             if head in self.skipped else f"this model has no {what} (config.{head} is None)")
 
     # ---- training forward ----------------------------------------------------------------------
     def forward(
@@ -116,8 +135,7 @@ class FoundationModel(nn.Module):
         """Next-token logits [T, V] and targets [T] at the captions' real tokens (padding left
         out); a ``text_only_prob`` share of captions is read without its image."""
         # text_states [B, L, W], tokens [B, L], image_states [B, M, Wi]
-        if self.language is None:
-            raise ValueError("the caption loss needs a model with a language head (config.language)")
+        self.require("language")
         target = tokens[:, 1:]  # [B, L-1]: token i+1 is predicted at position i
         with_image = torch.rand(tokens.shape[0], device=tokens.device) >= self.config.language.text_only_prob
         logits, targets = [], []
@@ -145,8 +163,7 @@ class FoundationModel(nn.Module):
     def denoise(self, images: torch.Tensor, cond: TextCondition) -> dict[str, torch.Tensor]:
         """One draw of the denoising objective on clean ``images`` [n, C, S, S] in [0, 1]
         (on the VAE's latents when the decoder has one)."""
-        if self.decoder is None:
-            raise ValueError("the diffusion loss needs a model with a decoder (config.decoder)")
+        self.require("decoder")
         size = self.config.decoder.image_size
         if images.shape[-1] != size:  # e.g. a 224-pixel image tower beside a 64-pixel decoder
             images = F.interpolate(images, size=size, mode="bicubic", antialias=True).clamp(0, 1)
@@ -191,8 +208,7 @@ class FoundationModel(nn.Module):
         """Next-token logits [B, N, V] (``last_only``: [B, V]) for tokens [B, N] at positions
         start .. start + N - 1: shared text encoder, then the language head (cross-attending to
         ``image_states`` when given), then the tied token embedding."""
-        if self.language is None:
-            raise ValueError("this model has no language head (config.language is None)")
+        self.require("language")
         hidden = self.language(self.encoders.text.token_states(tokens, cache, start), image_states, cache)  # [B, N, W]
         return self.lm_logits(hidden[:, -1] if last_only else hidden)
 
@@ -214,6 +230,9 @@ class FoundationModel(nn.Module):
         (e.g. ``torch.float16``) stores floating-point weights in that type (half the size);
         ``from_pretrained`` loads them back into the model's own dtype. A non-empty
         ``directory`` is replaced (as a whole, atomically) only with ``overwrite=True``."""
+        if self.skipped:
+            raise ValueError(f"this model was loaded without its {' and '.join(self.skipped)}: saving it would lose them; "
+                             "load it whole (components=None) to save it")
         if self.adapter is not None:
             raise ValueError(
                 "this model has a LoRA adapter: save_adapter() writes the adapter alone; merge_adapter() "
@@ -245,8 +264,11 @@ class FoundationModel(nn.Module):
         return write_folder(directory, write, overwrite, what="directory")
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "FoundationModel":
-        """Load a ``save_pretrained`` folder. Only safetensors are read; pickle files are refused."""
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu",
+                        components: Iterable[str] | None = None) -> "FoundationModel":
+        """Load a ``save_pretrained`` folder. Only safetensors are read; pickle files are refused.
+        ``components``: the optional heads to load (``decoder``, ``language``; None: all), e.g.
+        none for zero-shot classification: the others are neither built nor read."""
         directory = Path(directory)
         if directory.is_file():
             kind = "pickle-based" if directory.suffix in PICKLE_SUFFIXES else "a file"
@@ -267,8 +289,9 @@ class FoundationModel(nn.Module):
                 raise ValueError(f"{directory / CONFIG_NAME}: decoder.vae must name a folder inside the model folder "
                                  f"(saved models use {VAE_DIR!r}), got {config.decoder.vae!r}")
             config.decoder.vae = str(vae)
-        model = cls(config)
+        model = cls(config, components)
         state = load_weights(directory / WEIGHTS_NAME)
+        state = {k: v for k, v in state.items() if k.split(".", 1)[0] not in model.skipped}
         missing = sorted(set(model.state_dict()) - set(state))
         unexpected = sorted(set(state) - set(model.state_dict()))
         if missing or unexpected:

@@ -133,8 +133,7 @@ class FoundationPipeline:
         generator: Any, output_type: str, height: int | None, width: int | None,
     ) -> tuple[list[str], list[str], list[torch.Generator | None]]:
         """Every argument checked before any work: (prompts, negative prompts, one generator per image)."""
-        if self.model.decoder is None:
-            raise ValueError("this model has no diffusion decoder (config.decoder is None)")
+        self.model.require("decoder")
         self._require("text", "decoder")
         prompts, negatives, generators = check_generation_inputs(
             self.model.decoder.config, prompt, negative_prompt, steps, guidance, per_prompt, generator, output_type, height, width)
@@ -179,18 +178,23 @@ class FoundationPipeline:
     def from_pretrained(
         cls, directory: str | Path, device: str | torch.device = "cpu", scheduler: str | None = None,
         dtype: torch.dtype | None = None, adapter: str | Path | None = None, allow_untrained: bool = False,
+        components: Sequence[str] | None = None,
     ) -> "FoundationPipeline":
         """Load a ``save_pretrained`` folder (safetensors only: pickle files are refused) onto
         ``device``, optionally in ``dtype`` (e.g. ``torch.bfloat16`` on GPUs). ``directory`` may
         also be a LoRA adapter folder (its recorded base model is loaded under it), and
-        ``adapter`` a LoRA adapter folder to load onto the model ``directory``."""
+        ``adapter`` a LoRA adapter folder to load onto the model ``directory``. ``components``:
+        the optional heads to load (``decoder``, ``language``; None: all; an adapter's own
+        components are always added): classification needs neither and starts in a second."""
         from . import lora
 
         if lora.is_adapter_folder(directory) and adapter is None:
             directory, adapter = lora.resolve_base(directory), directory
         elif adapter is not None:
             lora.resolve_base(adapter, base=directory)  # the adapter must have been trained on this base
-        model = FoundationModel.from_pretrained(directory)
+        if adapter is not None and components is not None:
+            components = {*components, *(c for c in lora.read_adapter_config(adapter).components if c in ("decoder", "language"))}
+        model = FoundationModel.from_pretrained(directory, components=components)
         if adapter is not None:
             model.load_adapter(adapter)
         return cls(model, scheduler, allow_untrained=allow_untrained).to(device, dtype)
@@ -292,8 +296,7 @@ class FoundationPipeline:
 
     # ---- language head ---------------------------------------------------------------------
     def _language(self, *inputs: str) -> FoundationModel:
-        if self.model.language is None:
-            raise ValueError("this model has no language head (config.language is None)")
+        self.model.require("language")
         self._require(*inputs, "language")
         return self.model
 
