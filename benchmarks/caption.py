@@ -35,6 +35,7 @@ from open_clip import coca_model
 from open_clip.coca_model import CoCa, MultimodalCfg
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
+from _machine import autocast, default_device, describe, sync
 from multimodal import FoundationConfig, FoundationModel, FoundationPipeline
 
 
@@ -65,6 +66,8 @@ def main() -> None:
     parser.add_argument("--image-layers", type=int, default=12)
     parser.add_argument("--image-heads", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--precision", nargs="+", default=["32", "bf16-mixed"], choices=["32", "bf16-mixed"])
+    parser.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda when present)")
     args = parser.parse_args()
     _enable_coca_greedy()
     ctx = 77
@@ -76,20 +79,21 @@ def main() -> None:
         "text": {"context_length": ctx, "width": w, "layers": n, "heads": h},
         "image": {"image_size": args.image_size, "patch_size": args.patch_size, "width": iw, "layers": il, "heads": ih},
         "language": {"layers": n, "heads": h},
-    })).eval()
+    })).eval().to(args.device)
     coca = CoCa(
         embed_dim=w,
         multimodal_cfg=MultimodalCfg(context_length=ctx - 1, width=w, heads=h, layers=n),
         text_cfg=CLIPTextCfg(context_length=ctx - 1, width=w, heads=h, layers=n, embed_cls=True, output_tokens=True),
         vision_cfg=CLIPVisionCfg(image_size=args.image_size, patch_size=args.patch_size, width=iw, layers=il,
                                  head_width=iw // ih, attentional_pool=True, output_tokens=True),
-    ).eval()
+    ).eval().to(args.device)
     pipe = FoundationPipeline(ours)
     k = args.new_tokens
     print(f"new_tokens={k} width={w} layers={n}+{n} heads={h} vocab=49408 "
           f"image={args.image_size}px/{args.patch_size} width={iw} layers={il} "
           f"params ours={sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M "
-          f"open_clip CoCa={sum(p.numel() for p in coca.parameters()) / 1e6:.1f}M threads={torch.get_num_threads()}")
+          f"open_clip CoCa={sum(p.numel() for p in coca.parameters()) / 1e6:.1f}M")
+    print(describe(args.device))
 
     def run_ours(images, cache: bool):
         return lambda: pipe.caption(images, max_new_tokens=k, min_new_tokens=k, use_cache=cache)
@@ -102,24 +106,28 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in fns}
         for r in range(args.rounds):
             for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+                sync(args.device)
                 start = time.perf_counter()
                 fns[name]()
+                sync(args.device)
                 times[name].append(time.perf_counter() - start)
         return {name: batch * k / statistics.median(t) for name, t in times.items()}
 
-    with torch.inference_mode():
-        probe = torch.rand(2, 3, args.image_size, args.image_size)
-        assert run_ours(probe, True)() == run_ours(probe, False)(), "cached and uncached greedy tokens differ"
-        assert run_coca(probe)().shape[1] == k + 1  # also the warm-up
-        for batch in args.batches:
-            images = torch.rand(batch, 3, args.image_size, args.image_size)
-            r = rates({"cache": run_ours(images, True), "no cache": run_ours(images, False)}, batch)
-            print(f"batch={batch:<3} ours KV cache {r['cache']:7.1f} tokens/s | ours no cache {r['no cache']:7.1f} tokens/s"
-                  f" | ratio {r['cache'] / r['no cache']:.2f}x", flush=True)
-        images = torch.rand(args.coca_batch, 3, args.image_size, args.image_size)
-        r = rates({"ours": run_ours(images, True), "ours no cache": run_ours(images, False), "coca": run_coca(images)}, args.coca_batch)
-        print(f"batch={args.coca_batch:<3} ours KV cache {r['ours']:7.1f} tokens/s | open_clip CoCa generate {r['coca']:7.1f} tokens/s"
-              f" | ratio {r['ours'] / r['coca']:.2f}x (ours without cache: {r['ours no cache'] / r['coca']:.2f}x)", flush=True)
+    for precision in args.precision:
+        with torch.inference_mode(), autocast(args.device, precision):
+            probe = torch.rand(2, 3, args.image_size, args.image_size, device=args.device)
+            same = run_ours(probe, True)() == run_ours(probe, False)()  # bf16 rounds the two paths differently
+            assert same or precision != "32", "cached and uncached greedy tokens differ"
+            assert run_coca(probe)().shape[1] == k + 1  # also the warm-up
+            for batch in args.batches:
+                images = torch.rand(batch, 3, args.image_size, args.image_size, device=args.device)
+                r = rates({"cache": run_ours(images, True), "no cache": run_ours(images, False)}, batch)
+                print(f"precision={precision:<10} batch={batch:<3} ours KV cache {r['cache']:7.1f} tokens/s | ours no cache {r['no cache']:7.1f} tokens/s"
+                      f" | ratio {r['cache'] / r['no cache']:.2f}x", flush=True)
+            images = torch.rand(args.coca_batch, 3, args.image_size, args.image_size, device=args.device)
+            r = rates({"ours": run_ours(images, True), "ours no cache": run_ours(images, False), "coca": run_coca(images)}, args.coca_batch)
+            print(f"precision={precision:<10} batch={args.coca_batch:<3} ours KV cache {r['ours']:7.1f} tokens/s | open_clip CoCa generate {r['coca']:7.1f} tokens/s"
+                  f" | ratio {r['ours'] / r['coca']:.2f}x (ours without cache: {r['ours no cache'] / r['coca']:.2f}x)", flush=True)
 
 
 if __name__ == "__main__":

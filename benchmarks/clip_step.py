@@ -19,6 +19,7 @@ import _no_shadow  # noqa: F401  (first: keeps benchmarks/diffusion.py from shad
 import torch
 from open_clip.loss import ClipLoss
 
+from _machine import autocast, default_device, describe, sync
 from encoders import DualEncoder
 from encoders.open_clip_import import encoder_config_from_open_clip
 from multimodal.config import PRESETS, FoundationConfig, merge_dicts
@@ -35,13 +36,12 @@ def open_clip_cfg(cfg: FoundationConfig) -> dict:
     )
 
 
-def make_step(encode, params, precision: str):
+def make_step(encode, params, precision: str, device: str):
     loss_fn = ClipLoss()
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
-    autocast = precision == "bf16-mixed"
 
     def step(images, tokens):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with autocast(device, precision):
             img, txt, scale = encode(images, tokens)
             loss = loss_fn(torch.nn.functional.normalize(img, dim=-1), torch.nn.functional.normalize(txt, dim=-1), scale)
         loss.backward()
@@ -58,7 +58,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per model per round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--precision", nargs="+", default=["32", "bf16-mixed"])
+    parser.add_argument("--precision", nargs="+", default=["32", "bf16-mixed"], choices=["32", "bf16-mixed"])
+    parser.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--bf16-batch", type=int, default=None, help="batch for bf16-mixed (default: --batch)")
     parser.add_argument("--no-trim", action="store_true",
                         help="run our text tower over all context positions, as open_clip does (trim_padding=False)")
@@ -67,33 +68,36 @@ def main() -> None:
     cfg = FoundationConfig.from_preset(args.preset)
     oc_cfg = open_clip_cfg(cfg)
     torch.manual_seed(0)
-    ref = open_clip.CLIP(**oc_cfg).train()
+    ref = open_clip.CLIP(**oc_cfg).train().to(args.device)
     ours_cfg = FoundationConfig.from_dict(merge_dicts(encoder_config_from_open_clip(oc_cfg), {"text": {"trim_padding": not args.no_trim}}))
-    ours = DualEncoder(ours_cfg).train()
+    ours = DualEncoder(ours_cfg).train().to(args.device)
     n_ours, n_ref = (sum(p.numel() for p in m.parameters()) for m in (ours, ref))
     assert n_ours == n_ref, (n_ours, n_ref)
-    print(f"preset={args.preset} trim_padding={not args.no_trim} params={n_ours / 1e6:.2f}M threads={torch.get_num_threads()} torch={torch.__version__} open_clip={open_clip.__version__}")
+    print(f"preset={args.preset} trim_padding={not args.no_trim} params={n_ours / 1e6:.2f}M open_clip={open_clip.__version__}")
+    print(describe(args.device))
 
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg.text.context_length)
     words = ["red", "blue", "small", "large", "circle", "square", "at", "the", "top", "left"]
     for precision in args.precision:
         batch = args.bf16_batch if precision == "bf16-mixed" and args.bf16_batch else args.batch
         g = torch.Generator().manual_seed(1)
-        images = torch.randn(batch, 3, cfg.image.image_size, cfg.image.image_size, generator=g)
+        images = torch.randn(batch, 3, cfg.image.image_size, cfg.image.image_size, generator=g).to(args.device)
         captions = [" ".join(words[j] for j in torch.randint(len(words), (6,), generator=g)) for _ in range(batch)]
-        tokens = tokenizer(captions)
+        tokens = tokenizer(captions).to(args.device)
         steps = {
-            "ours": make_step(lambda i, t: (ours.image(i)[1], ours.text(t)[1], ours.logit_scale.exp()), ours.parameters(), precision),
-            "open_clip": make_step(lambda i, t: (ref.encode_image(i), ref.encode_text(t), ref.logit_scale.exp()), ref.parameters(), precision),
+            "ours": make_step(lambda i, t: (ours.image(i)[1], ours.text(t)[1], ours.logit_scale.exp()), ours.parameters(), precision, args.device),
+            "open_clip": make_step(lambda i, t: (ref.encode_image(i), ref.encode_text(t), ref.logit_scale.exp()), ref.parameters(), precision, args.device),
         }
         rates: dict[str, list[float]] = {name: [] for name in steps}
         for name, step in steps.items():
             step(images, tokens)  # warm-up
         for r in range(args.rounds):
             for name, step in (list(steps.items()) if r % 2 == 0 else list(steps.items())[::-1]):
+                sync(args.device)
                 start = time.perf_counter()
                 for _ in range(args.steps):
                     step(images, tokens)
+                sync(args.device)
                 rates[name].append(batch * args.steps / (time.perf_counter() - start))
         o, r = statistics.median(rates["ours"]), statistics.median(rates["open_clip"])
         print(f"precision={precision:<10} batch={batch:<4} ours {o:8.1f} samples/s | open_clip {r:8.1f} samples/s | ratio {o / r:.3f}x", flush=True)

@@ -20,22 +20,24 @@ import argparse
 import contextlib
 import statistics
 import time
-from pathlib import Path
 
 import _no_shadow  # noqa: F401  (first: this file's name would shadow the diffusion package)
 import torch
 import torch.nn.functional as F
 import diffusers
+from _machine import autocast as precision_autocast, default_device, describe, sync
 
 from diffusion.schedule import sampling_scheduler
 from multimodal import FoundationConfig, FoundationModel, FoundationPipeline
 
 
-def timed(fn, rounds: int) -> list[float]:
+def timed(fn, rounds: int, device: str) -> list[float]:
     out = []
     for _ in range(rounds):
+        sync(device)
         start = time.perf_counter()
         fn()
+        sync(device)
         out.append(time.perf_counter() - start)
     return out
 
@@ -50,24 +52,24 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--images", type=int, default=16, help="images per sampling call")
     parser.add_argument("--rounds", type=int, default=8, help="timed rounds (medians; fewer are noisy on 2 cores)")
-    parser.add_argument("--precision", nargs="+", default=["32", "bf16-mixed"])
+    parser.add_argument("--precision", nargs="+", default=["32", "bf16-mixed"], choices=["32", "bf16-mixed"])
+    parser.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda when present)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     preset = args.preset or ("shapes_mmdit" if args.backbone == "mmdit" else "shapes")
-    model = FoundationModel(FoundationConfig.from_preset(preset, {"decoder": {"backbone": args.backbone}})).eval()
+    model = FoundationModel(FoundationConfig.from_preset(preset, {"decoder": {"backbone": args.backbone}})).eval().to(args.device)
     cfg = model.config.decoder
     if cfg.vae is not None:
         parser.error("the benchmark compares denoisers in pixel space: use a preset without decoder.vae")
     mine = model.decoder.denoiser
     bare = getattr(diffusers, type(mine).__name__).from_config(mine.config)
     bare.load_state_dict(mine.state_dict())
+    bare.to(args.device)
     scheduler = model.config.sampling.scheduler
-    flags = sorted({f for line in open("/proc/cpuinfo") if line.startswith("flags") for f in line.split()[2:]}
-                   & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}) if Path("/proc/cpuinfo").exists() else []
     print(f"preset={preset} backbone={cfg.backbone} objective={cfg.objective} scheduler={scheduler} "
-          f"decoder params={sum(p.numel() for p in bare.parameters()) / 1e6:.2f}M threads={torch.get_num_threads()} "
-          f"torch={torch.__version__} cpu_flags={' '.join(flags) or 'n/a'}")
+          f"decoder params={sum(p.numel() for p in bare.parameters()) / 1e6:.2f}M")
+    print(describe(args.device))
 
     def bare_call(x, t, c, labels):  # the call a diffusers user writes for this denoiser
         if cfg.backbone == "mmdit":
@@ -76,9 +78,9 @@ def main() -> None:
 
     for precision in args.precision:
         bf16 = precision == "bf16-mixed"
-        autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+        autocast = lambda: precision_autocast(args.device, precision)  # noqa: E731
         batch = args.bf16_batch if bf16 else args.batch
-        images = torch.rand(batch, *model.decoder.sample_shape) * 2 - 1
+        images = torch.rand(batch, *model.decoder.sample_shape, device=args.device) * 2 - 1
         with torch.no_grad():
             cond = model.text_condition(["a small red circle at the top left"] * batch)
         labels = model.decoder.class_labels(cond.embeds)
@@ -88,7 +90,7 @@ def main() -> None:
 
             def run():
                 for i in range(args.steps):
-                    task = model.objective.draw(images, torch.Generator().manual_seed(i))
+                    task = model.objective.draw(images, torch.Generator(args.device).manual_seed(i))
                     with autocast():
                         pred = unet_call(task.noisy, task.timesteps, cond)
                         loss = F.mse_loss(pred.float(), task.target)
@@ -121,7 +123,7 @@ def main() -> None:
                 both = model.text_condition([""] * len(prompts)).cat(model.text_condition(prompts))
                 both_labels = model.decoder.class_labels(both.embeds)
                 gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
-                x = torch.stack([torch.randn(images.shape[1:], generator=g) for g in gens]) * getattr(sched, "init_noise_sigma", 1.0)
+                x = torch.stack([torch.randn(images.shape[1:], generator=g) for g in gens]).to(args.device) * getattr(sched, "init_noise_sigma", 1.0)
                 sched.set_timesteps(args.sample_steps)
                 for t in sched.timesteps:
                     inp = torch.cat([x, x])
@@ -136,7 +138,7 @@ def main() -> None:
             for r in range(args.rounds):
                 for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
                     with (contextlib.nullcontext() if label == "train step" else torch.inference_mode()):
-                        times[name] += timed(fns[name], 1)
+                        times[name] += timed(fns[name], 1, args.device)
             o, d = (count / statistics.median(times[k]) for k in ("ours", "diffusers"))
             unit = "samples/s" if label == "train step" else "images/s"
             print(f"precision={precision:<10} {label:<10} batch={count if label == 'sampling' else batch:<4} "

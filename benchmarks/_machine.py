@@ -1,0 +1,44 @@
+"""What a benchmark ran on, printed beside its figures (a ratio holds for one machine only),
+and the few device-dependent helpers the scripts share."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what decides fp32 / bf16 speed on CPUs
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def describe(device: str) -> str:
+    """One line: the device (GPU name, or CPU model and its matmul-relevant flags) and threads."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = sorted({f for line in info.splitlines() if line.startswith("flags") for f in line.split()[2:]} & set(CPU_FLAGS))
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), platform.processor())
+    line = f"device={device}"
+    if device.startswith("cuda"):
+        line += f" gpu={torch.cuda.get_device_name(device)!r}"
+    return (line + f" cpu={model!r} cpu_flags={' '.join(flags) or 'n/a'} threads={torch.get_num_threads()} "
+            f"cores={os.cpu_count()} torch={torch.__version__}")
+
+
+def autocast(device: str, precision: str):
+    """bf16 autocast for ``bf16-mixed``; nothing for ``32``."""
+    if precision not in ("32", "bf16-mixed"):
+        raise SystemExit(f"--precision must be 32 or bf16-mixed, got {precision!r}")
+    if precision == "32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so that a timer stops when the work is done."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
