@@ -41,6 +41,8 @@ def adamw_cosine(module: nn.Module, hp: Any, total_steps: int) -> dict[str, Any]
             for (group, decay), params in groups.items()
         ],
         lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
+        # one fused kernel for all parameters (CPU and CUDA) instead of a loop of small ops
+        fused=all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups.values() for p in g) or None,
     )
     total = max(1, total_steps)
     warmup, floor = min(hp.warmup_steps, total), hp.min_lr_ratio
