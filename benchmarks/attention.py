@@ -22,6 +22,7 @@ from pathlib import Path
 import _no_shadow  # noqa: F401  (first: keeps benchmarks/diffusion.py from shadowing the package)
 import torch
 
+from _machine import describe
 from encoders.attention import attention, attention_backend
 
 
@@ -76,8 +77,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    print(f"device={args.device} dtype={args.dtype} batch={args.batch} heads={args.heads} "
-          f"head_dim={args.head_dim} causal={args.causal} threads={torch.get_num_threads()}")
+    print(f"dtype={args.dtype} batch={args.batch} heads={args.heads} head_dim={args.head_dim} causal={args.causal}")
+    print(describe(args.device))
     print(f"{'N':>6} | {'sdpa ms':>9} {'math ms':>9} {'time ratio':>10} | {'sdpa MiB':>9} {'math MiB':>9} {'mem ratio':>9}")
     with torch.inference_mode():
         for n in args.lengths:

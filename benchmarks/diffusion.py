@@ -124,7 +124,7 @@ def main() -> None:
                 both_labels = model.decoder.class_labels(both.embeds)
                 gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
                 x = torch.stack([torch.randn(images.shape[1:], generator=g) for g in gens]).to(args.device) * getattr(sched, "init_noise_sigma", 1.0)
-                sched.set_timesteps(args.sample_steps)
+                sched.set_timesteps(args.sample_steps, device=args.device)
                 for t in sched.timesteps:
                     inp = torch.cat([x, x])
                     inp = sched.scale_model_input(inp, t) if hasattr(sched, "scale_model_input") else inp

@@ -4,7 +4,7 @@ machine without a data set (``benchmarks/gpu_check.sh`` does).
 
     python benchmarks/shapes_shards.py OUT_DIR [--shards 4] [--per-shard 512] [--image-size 64]
 
-Writes ``OUT_DIR/train-0000{0..N-1}.tar`` (training combinations) and ``OUT_DIR/val-00000.tar``
+Writes ``OUT_DIR/train-00000.tar`` ... (N shards, five-digit numbers; training combinations) and ``OUT_DIR/val-00000.tar``
 (held-out combinations); refuses a non-empty ``OUT_DIR``.
 """
 

@@ -31,7 +31,9 @@ def sample(
     (by default empty) prompt; guidance is skipped at 1.0.
     """
     device = cond.states.device
-    x = torch.stack([torch.randn(decoder.sample_shape, generator=g, device=device, dtype=torch.float32) for g in generators])
+    # drawn on each generator's own device (CPU generators serve a GPU pipeline, as in diffusers), then moved
+    x = torch.stack([torch.randn(decoder.sample_shape, generator=g, device=g.device if g is not None else device,
+                                 dtype=torch.float32).to(device) for g in generators])
     scheduler.set_timesteps(num_inference_steps, device=device)
     if len(set(scheduler.timesteps.tolist())) < len(scheduler.timesteps):  # multistep solvers lose their place
         raise ValueError(f"num_inference_steps {num_inference_steps} gives repeated timesteps with the {type(scheduler).__name__} "

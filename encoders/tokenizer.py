@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from pathlib import Path
 
 import torch
 
@@ -21,15 +22,17 @@ def _open_clip_tokenizer_module():
     package = importlib.util.find_spec("open_clip")  # locates the package without importing it
     if package is None or not package.submodule_search_locations:
         raise ImportError("open_clip (pip install open-clip-torch) provides the tokenizer")
-    path = f"{package.submodule_search_locations[0]}/tokenizer.py"
+    path = Path(package.submodule_search_locations[0]) / "tokenizer.py"
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or not path.is_file():  # e.g. a zipped install: the ordinary import
+        return importlib.import_module("open_clip.tokenizer")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception:
+    except ImportError:  # a future tokenizer.py with relative imports: the ordinary import
         del sys.modules[name]
-        raise
+        return importlib.import_module("open_clip.tokenizer")
     return module
 
 
@@ -47,6 +50,9 @@ class Tokenizer:
         self.vocab_size = len(self._bpe.encoder)
         self.sot_token_id = self._bpe.sot_token_id
         self.eot_token_id = self._bpe.eot_token_id
+
+    def __reduce__(self):  # pickled by its settings: the BPE class may live under a private module name
+        return (Tokenizer, (self.context_length,))
 
     def __call__(self, texts: str | list[str]) -> torch.Tensor:
         if isinstance(texts, str):

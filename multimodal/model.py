@@ -43,6 +43,8 @@ class FoundationModel(nn.Module):
         the model answers for what it has and refuses to save (``skipped`` names the rest)."""
         super().__init__()
         self.config = config
+        if isinstance(components, str):
+            raise ValueError(f"components must be a list of heads among {OPTIONAL_HEADS}, got the string {components!r}")
         wanted = set(OPTIONAL_HEADS if components is None else components)
         if not wanted <= set(OPTIONAL_HEADS):
             raise ValueError(f"components must be among {OPTIONAL_HEADS}, got {sorted(wanted - set(OPTIONAL_HEADS))}")
@@ -268,7 +270,8 @@ class FoundationModel(nn.Module):
                         components: Iterable[str] | None = None) -> "FoundationModel":
         """Load a ``save_pretrained`` folder. Only safetensors are read; pickle files are refused.
         ``components``: the optional heads to load (``decoder``, ``language``; None: all), e.g.
-        none for zero-shot classification: the others are neither built nor read."""
+        none for zero-shot classification: the others are not built (their weights are read with
+        the file, and left)."""
         directory = Path(directory)
         if directory.is_file():
             kind = "pickle-based" if directory.suffix in PICKLE_SUFFIXES else "a file"

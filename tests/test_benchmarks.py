@@ -1,6 +1,7 @@
 """The benchmark scripts stay runnable: each one imports the project and parses its options
 (``--help``). Their figures come from running them in full, never from tests."""
 
+import os
 import subprocess
 import sys
 
@@ -21,7 +22,15 @@ GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
 
 
 def _gpu_check(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(GPU_CHECK), *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    env = {**os.environ, "PYTHON": sys.executable}
+    return subprocess.run(["bash", str(GPU_CHECK), *args], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+
+
+def _dry_commands(out) -> list[str]:
+    """The commands of a dry run, without their ``(cd OUT && ... )`` wrapper."""
+    dry = _gpu_check("--dry-run", "--out", str(out))
+    assert dry.returncode == 0, dry.stderr
+    return [line.split(" && ", 1)[1].rstrip(" )") for line in dry.stdout.strip().splitlines()]
 
 
 def test_gpu_check_parses_and_explains_itself(tmp_path):
@@ -31,9 +40,8 @@ def test_gpu_check_parses_and_explains_itself(tmp_path):
     for bad, message in ((["--fit-steps", "0"], "--fit-steps must be an integer"), (["--bogus"], "unknown option '--bogus'")):
         refused = _gpu_check(*bad)
         assert refused.returncode == 2 and message in refused.stderr
-    dry = _gpu_check("--dry-run", "--out", str(tmp_path / "out"))
-    commands = dry.stdout.strip().splitlines()
-    assert dry.returncode == 0 and len(commands) == 9, dry.stdout + dry.stderr
+    commands = _dry_commands(tmp_path / "out")
+    assert len(commands) == 9, commands
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
     for line in commands:  # every script it names exists
         assert all((ROOT / "benchmarks" / word.split("/")[-1]).is_file() for word in line.split() if word.endswith((".py",)) and "benchmarks/" in word)
@@ -43,18 +51,19 @@ def test_gpu_check_parses_and_explains_itself(tmp_path):
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_gpu_check_says_it_needs_a_gpu():
     refused = _gpu_check()
-    assert refused.returncode == 1 and "no CUDA device" in refused.stderr
+    assert refused.returncode == 3 and "no CUDA device" in refused.stderr
 
 
 @pytest.mark.slow  # three LightningCLI parses (~10 s each)
 def test_gpu_check_fit_commands_parse(tmp_path):
     """The fit commands gpu_check.sh runs on a GPU are accepted by the CLI (``--print_config``)."""
-    dry = _gpu_check("--dry-run", "--out", str(tmp_path / "out"))
-    for line in (c for c in dry.stdout.splitlines() if "multimodal.cli fit" in c):
+    fits = [c for c in _dry_commands(tmp_path / "out") if "multimodal.cli fit" in c]
+    for line in fits:
         done = subprocess.run(f"{line} --print_config", shell=True, capture_output=True, text=True, timeout=300, cwd=ROOT,
                               executable="/bin/bash")
         assert done.returncode == 0, done.stderr[-2000:]
-        assert "max_steps:" in done.stdout
+        assert "max_steps:" in done.stdout and "block_out_channels:" in done.stdout  # gpu1.yaml's decoder kept
+    assert "ema_decay: 0" in done.stdout and "gradient_clip_val: 0" in done.stdout  # the FSDP step's own settings
 
 
 def test_shapes_shards_are_webdataset_samples(tmp_path):

@@ -5,6 +5,7 @@ Checked by what ends up in ``sys.modules`` and in the model (never by timing a t
 open_clip package and builds neither the decoder nor the language head."""
 
 import json
+import pickle
 import subprocess
 import sys
 
@@ -73,6 +74,8 @@ def test_a_model_loaded_in_part_says_so_and_is_never_saved(saved_tiny, tmp_path)
     assert not (tmp_path / "partial").exists()
     with pytest.raises(ValueError, match=r"components must be among \('decoder', 'language'\), got \['encoders'\]"):
         FoundationModel.from_pretrained(saved_tiny, components=("encoders",))
+    with pytest.raises(ValueError, match="got the string 'decoder'"):
+        FoundationModel.from_pretrained(saved_tiny, components="decoder")
 
 
 def test_tokenizer_without_the_open_clip_package_matches_open_clip():
@@ -81,4 +84,8 @@ def test_tokenizer_without_the_open_clip_package_matches_open_clip():
     from encoders.tokenizer import Tokenizer
 
     texts = ["a small red circle at the top left", "Ünïcode &amp; punctuation!?", ""]
-    assert torch.equal(Tokenizer(77)(texts), open_clip.tokenize(texts))
+    ours = Tokenizer(77)
+    assert torch.equal(ours(texts), open_clip.tokenize(texts))
+    assert type(ours._bpe).__module__ == "_open_clip_tokenizer"  # the file loaded alone (conftest imported it first)
+    again = pickle.loads(pickle.dumps(ours))  # e.g. spawned dataloader workers: rebuilt from its settings
+    assert torch.equal(again(texts), ours(texts))

@@ -40,8 +40,11 @@ def test_fit_writes_run_folder_report_and_model(tmp_path, capsys):
     assert probs.shape == (2, 2) and torch.allclose(probs.sum(-1), torch.ones(2))
 
 
-def test_bf16_mixed_trains_on_cpu(tmp_path):
-    assert main(["fit", "--config", str(tiny_config(tmp_path, max_steps=2)), "--trainer.precision", "bf16-mixed"]) == 0
+@pytest.mark.parametrize("clip", [None, "1.0"])
+def test_bf16_mixed_trains_on_cpu(tmp_path, clip):
+    """bf16-mixed, also with gradient clipping (as the GPU configs do: no fused AdamW there)."""
+    extra = ["--trainer.gradient_clip_val", clip] if clip else []
+    assert main(["fit", "--config", str(tiny_config(tmp_path, max_steps=2)), "--trainer.precision", "bf16-mixed", *extra]) == 0
     lines = (tmp_path / "runs/align/version_0/metrics.csv").read_text().splitlines()
     losses = [float(v) for row in lines[1:] for k, v in zip(lines[0].split(","), row.split(",")) if k == "train/loss" and v]
     assert losses and all(torch.isfinite(torch.tensor(losses)))

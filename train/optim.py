@@ -41,8 +41,7 @@ def adamw_cosine(module: nn.Module, hp: Any, total_steps: int) -> dict[str, Any]
             for (group, decay), params in groups.items()
         ],
         lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
-        # one fused kernel for all parameters (CPU and CUDA) instead of a loop of small ops
-        fused=all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups.values() for p in g) or None,
+        fused=_can_fuse(module, [p for g in groups.values() for p in g]) or None,
     )
     total = max(1, total_steps)
     warmup, floor = min(hp.warmup_steps, total), hp.min_lr_ratio
@@ -55,6 +54,15 @@ def adamw_cosine(module: nn.Module, hp: Any, total_steps: int) -> dict[str, Any]
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _can_fuse(module: Any, params: list[torch.nn.Parameter]) -> bool:
+    """One fused AdamW kernel for all parameters (CPU and CUDA) instead of a loop of small ops;
+    not where Lightning clips gradients under mixed precision (it refuses a fused optimizer there)."""
+    trainer = getattr(module, "_trainer", None)
+    if trainer is not None and trainer.gradient_clip_val and "mixed" in str(trainer.precision):
+        return False
+    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
 
 
 def _param_group(name: str) -> str:
