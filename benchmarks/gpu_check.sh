@@ -43,20 +43,21 @@ done
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python}"
+if [ -z "$OUT" ]; then
+  OUT="/tmp/gpu_check.XXXXXX"; AUTO=1  # made (mktemp) once the GPU is found
+fi
+if [ -e "$OUT" ] && { [ ! -d "$OUT" ] || [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; }; then
+  echo "--out $OUT exists and is not an empty folder: give a new folder" >&2; exit 2
+fi
 if [ "$DRY" = 0 ]; then
   if ! probe="$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>&1)"; then
-    echo "cannot import torch with $PY: ${probe##*$'\n'}" >&2; exit 3
+    echo "cannot import torch with PYTHON=$PY" >&2; exit 3
   fi
   if [ "$probe" != 1 ]; then
     echo "no CUDA device visible to torch: this check needs one GPU (use --dry-run to see the commands)" >&2; exit 3
   fi
 fi
-if [ -z "$OUT" ]; then
-  if [ "$DRY" = 1 ]; then OUT="/tmp/gpu_check.XXXXXX"; else OUT="$(mktemp -d /tmp/gpu_check.XXXXXX)"; fi
-fi
-if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
-  echo "--out $OUT is not empty: give a new folder" >&2; exit 2
-fi
+if [ "${AUTO:-0}" = 1 ] && [ "$DRY" = 0 ]; then OUT="$(mktemp -d /tmp/gpu_check.XXXXXX)"; fi
 case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac  # absolute: the commands run inside it
 [ "$DRY" = 1 ] || mkdir -p "$OUT"
 SHARDS="$OUT/shards"

@@ -43,8 +43,8 @@ class FoundationModel(nn.Module):
         the model answers for what it has and refuses to save (``skipped`` names the rest)."""
         super().__init__()
         self.config = config
-        if isinstance(components, str):
-            raise ValueError(f"components must be a list of heads among {OPTIONAL_HEADS}, got the string {components!r}")
+        if components is not None and (isinstance(components, (str, dict)) or not isinstance(components, Iterable)):
+            raise ValueError(f"components must be a list of heads among {OPTIONAL_HEADS}, got {components!r}")
         wanted = set(OPTIONAL_HEADS if components is None else components)
         if not wanted <= set(OPTIONAL_HEADS):
             raise ValueError(f"components must be among {OPTIONAL_HEADS}, got {sorted(wanted - set(OPTIONAL_HEADS))}")
@@ -102,6 +102,8 @@ class FoundationModel(nn.Module):
         without building a graph; ``denoise_text_grad=False`` keeps the denoising loss off the
         text encoder.
         """
+        if isinstance(heads, str):
+            heads = (heads,)
         unknown = sorted(set(heads) - set(HEADS))
         if unknown:
             raise ValueError(f"heads must be among {HEADS}, got {unknown}")
@@ -233,7 +235,8 @@ class FoundationModel(nn.Module):
         ``from_pretrained`` loads them back into the model's own dtype. A non-empty
         ``directory`` is replaced (as a whole, atomically) only with ``overwrite=True``."""
         if self.skipped:
-            raise ValueError(f"this model was loaded without its {' and '.join(self.skipped)}: saving it would lose them; "
+            raise ValueError(f"this model was loaded without its {' and '.join(self.skipped)}: saving it would lose "
+                             f"{'them' if len(self.skipped) > 1 else 'it'}; "
                              "load it whole (components=None) to save it")
         if self.adapter is not None:
             raise ValueError(

@@ -74,8 +74,9 @@ def test_a_model_loaded_in_part_says_so_and_is_never_saved(saved_tiny, tmp_path)
     assert not (tmp_path / "partial").exists()
     with pytest.raises(ValueError, match=r"components must be among \('decoder', 'language'\), got \['encoders'\]"):
         FoundationModel.from_pretrained(saved_tiny, components=("encoders",))
-    with pytest.raises(ValueError, match="got the string 'decoder'"):
-        FoundationModel.from_pretrained(saved_tiny, components="decoder")
+    for bad in ("decoder", 5, {"decoder": 1}):
+        with pytest.raises(ValueError, match=r"components must be a list of heads among \('decoder', 'language'\), got"):
+            FoundationModel.from_pretrained(saved_tiny, components=bad)
 
 
 def test_tokenizer_without_the_open_clip_package_matches_open_clip():
