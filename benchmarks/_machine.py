@@ -42,3 +42,27 @@ def sync(device: str) -> None:
     """Wait for queued GPU work, so that a timer stops when the work is done."""
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
+
+
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1 (a clear usage error instead of a traceback later)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """argparse type: a torch device string (cpu, cuda, cuda:1)."""
+    import argparse
+
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"must be a torch device such as cpu or cuda, got {text!r}") from None
+    return text

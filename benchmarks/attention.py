@@ -22,7 +22,7 @@ from pathlib import Path
 import _no_shadow  # noqa: F401  (first: keeps benchmarks/diffusion.py from shadowing the package)
 import torch
 
-from _machine import describe
+from _machine import describe, device_name, positive
 from encoders.attention import attention, attention_backend
 
 
@@ -67,13 +67,13 @@ def main() -> None:
     if sys.platform == "linux" and os.environ.get("MALLOC_MMAP_THRESHOLD_") != "16384":
         os.execve(sys.executable, [sys.executable, *sys.argv],
                   {**os.environ, "MALLOC_MMAP_THRESHOLD_": "16384", "MALLOC_TRIM_THRESHOLD_": "0"})
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192])
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=1)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--lengths", type=positive, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192])
+    parser.add_argument("--heads", type=positive, default=8)
+    parser.add_argument("--head-dim", type=positive, default=64)
+    parser.add_argument("--batch", type=positive, default=1)
     parser.add_argument("--causal", action="store_true")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)

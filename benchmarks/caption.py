@@ -35,7 +35,7 @@ from open_clip import coca_model
 from open_clip.coca_model import CoCa, MultimodalCfg
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-from _machine import autocast, default_device, describe, sync
+from _machine import autocast, default_device, describe, sync, device_name, positive
 from multimodal import FoundationConfig, FoundationModel, FoundationPipeline
 
 
@@ -53,21 +53,21 @@ def _enable_coca_greedy() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="batch sizes for cache vs no cache")
-    parser.add_argument("--coca-batch", type=int, default=8, help="batch size for the open_clip comparison")
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--width", type=int, default=512, help="text encoder and language head width")
-    parser.add_argument("--layers", type=int, default=12, help="layers of the text encoder, and of the language head")
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--patch-size", type=int, default=32)
-    parser.add_argument("--image-width", type=int, default=768)
-    parser.add_argument("--image-layers", type=int, default=12)
-    parser.add_argument("--image-heads", type=int, default=12)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--batches", type=positive, nargs="+", default=[1, 8, 32], help="batch sizes for cache vs no cache")
+    parser.add_argument("--coca-batch", type=positive, default=8, help="batch size for the open_clip comparison")
+    parser.add_argument("--new-tokens", type=positive, default=32)
+    parser.add_argument("--width", type=positive, default=512, help="text encoder and language head width")
+    parser.add_argument("--layers", type=positive, default=12, help="layers of the text encoder, and of the language head")
+    parser.add_argument("--heads", type=positive, default=8)
+    parser.add_argument("--image-size", type=positive, default=224)
+    parser.add_argument("--patch-size", type=positive, default=32)
+    parser.add_argument("--image-width", type=positive, default=768)
+    parser.add_argument("--image-layers", type=positive, default=12)
+    parser.add_argument("--image-heads", type=positive, default=12)
+    parser.add_argument("--rounds", type=positive, default=2)
     parser.add_argument("--precision", nargs="+", default=["32", "bf16-mixed"], choices=["32", "bf16-mixed"])
-    parser.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--device", type=device_name, default=default_device(), help="cpu or cuda (cuda when present)")
     args = parser.parse_args()
     _enable_coca_greedy()
     ctx = 77

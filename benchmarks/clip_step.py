@@ -19,7 +19,7 @@ import _no_shadow  # noqa: F401  (first: keeps benchmarks/diffusion.py from shad
 import torch
 from open_clip.loss import ClipLoss
 
-from _machine import autocast, default_device, describe, sync
+from _machine import autocast, default_device, describe, sync, device_name, positive
 from encoders import DualEncoder
 from encoders.open_clip_import import encoder_config_from_open_clip
 from multimodal.config import PRESETS, FoundationConfig, merge_dicts
@@ -53,14 +53,14 @@ def make_step(encode, params, precision: str, device: str):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", default="shapes", choices=sorted(PRESETS))
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per model per round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=positive, default=128)
+    parser.add_argument("--steps", type=positive, default=6, help="timed steps per model per round")
+    parser.add_argument("--rounds", type=positive, default=3)
     parser.add_argument("--precision", nargs="+", default=["32", "bf16-mixed"], choices=["32", "bf16-mixed"])
-    parser.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda when present)")
-    parser.add_argument("--bf16-batch", type=int, default=None, help="batch for bf16-mixed (default: --batch)")
+    parser.add_argument("--device", type=device_name, default=default_device(), help="cpu or cuda (cuda when present)")
+    parser.add_argument("--bf16-batch", type=positive, default=None, help="batch for bf16-mixed (default: --batch)")
     parser.add_argument("--no-trim", action="store_true",
                         help="run our text tower over all context positions, as open_clip does (trim_padding=False)")
     args = parser.parse_args()

@@ -25,7 +25,7 @@ import _no_shadow  # noqa: F401  (first: this file's name would shadow the diffu
 import torch
 import torch.nn.functional as F
 import diffusers
-from _machine import autocast as precision_autocast, default_device, describe, sync
+from _machine import autocast as precision_autocast, default_device, describe, sync, device_name, positive
 
 from diffusion.schedule import sampling_scheduler
 from multimodal import FoundationConfig, FoundationModel, FoundationPipeline
@@ -43,17 +43,17 @@ def timed(fn, rounds: int, device: str) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--backbone", choices=("unet", "mmdit"), default="unet")
     parser.add_argument("--preset", default=None, help="model preset (default: shapes, or shapes_mmdit with --backbone mmdit)")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--bf16-batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3, help="training steps per round")
-    parser.add_argument("--sample-steps", type=int, default=25)
-    parser.add_argument("--images", type=int, default=16, help="images per sampling call")
-    parser.add_argument("--rounds", type=int, default=8, help="timed rounds (medians; fewer are noisy on 2 cores)")
+    parser.add_argument("--batch", type=positive, default=64)
+    parser.add_argument("--bf16-batch", type=positive, default=8)
+    parser.add_argument("--steps", type=positive, default=3, help="training steps per round")
+    parser.add_argument("--sample-steps", type=positive, default=25)
+    parser.add_argument("--images", type=positive, default=16, help="images per sampling call")
+    parser.add_argument("--rounds", type=positive, default=8, help="timed rounds (medians; fewer are noisy on 2 cores)")
     parser.add_argument("--precision", nargs="+", default=["32", "bf16-mixed"], choices=["32", "bf16-mixed"])
-    parser.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--device", type=device_name, default=default_device(), help="cpu or cuda (cuda when present)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
