@@ -66,6 +66,7 @@ def test_gpu_check_fit_commands_parse(tmp_path):
     assert "ema_decay: 0" in done.stdout and "gradient_clip_val: 0" in done.stdout  # the FSDP step's own settings
 
 
+@pytest.mark.slow  # two interpreters importing torch
 def test_shapes_shards_are_webdataset_samples(tmp_path):
     import tarfile
 

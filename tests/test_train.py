@@ -40,7 +40,7 @@ def test_fit_writes_run_folder_report_and_model(tmp_path, capsys):
     assert probs.shape == (2, 2) and torch.allclose(probs.sum(-1), torch.ones(2))
 
 
-@pytest.mark.parametrize("clip", [None, "1.0"])
+@pytest.mark.parametrize("clip", [None, pytest.param("1.0", marks=pytest.mark.slow)])
 def test_bf16_mixed_trains_on_cpu(tmp_path, clip):
     """bf16-mixed, also with gradient clipping (as the GPU configs do: no fused AdamW there)."""
     extra = ["--trainer.gradient_clip_val", clip] if clip else []
