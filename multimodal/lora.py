@@ -65,9 +65,8 @@ def add_adapter(model: "FoundationModel", config: AdapterConfig) -> None:
     if model.adapter is not None:
         raise ValueError("this model already has a LoRA adapter: merge_adapter() or unload_adapter() first")
     parts = components(model)
-    for name in config.components:
-        if name in getattr(model, "skipped", ()):
-            model.require(name)  # loaded without it: says so
+    for name in set(config.components) & set(model.skipped):
+        model.require(name)  # loaded without it: says so
     missing = [c for c in config.components if parts[c] is None]
     if missing:
         raise ValueError(f"lora components {missing}: this model has no such component")

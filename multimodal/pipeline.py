@@ -22,7 +22,7 @@ from .config import GenerationArgs
 from .knowledge import UnseenWordsWarning, check_trained, unseen_message, unseen_words
 from .language import generate_tokens
 from .losses import token_log_likelihood
-from .model import FoundationModel
+from .model import OPTIONAL_HEADS, FoundationModel
 from .preprocess import ImageInput, as_pil, preprocess
 from .safety import OutputChecker, PromptBlocked, PromptFilter, check_prompts, compile_prompt_filter  # noqa: F401
 from .templates import check_templates, class_prompts
@@ -193,7 +193,7 @@ class FoundationPipeline:
         elif adapter is not None:
             lora.resolve_base(adapter, base=directory)  # the adapter must have been trained on this base
         if adapter is not None and components is not None:
-            components = {*components, *(c for c in lora.read_adapter_config(adapter).components if c in ("decoder", "language"))}
+            components = {*components, *(c for c in lora.read_adapter_config(adapter).components if c in OPTIONAL_HEADS)}
         model = FoundationModel.from_pretrained(directory, components=components)
         if adapter is not None:
             model.load_adapter(adapter)
