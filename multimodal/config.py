@@ -184,11 +184,13 @@ class LanguageHeadConfig:
     mlp_ratio: float = 4.0
     activation: str = "gelu"
     text_only_prob: float = 0.1  # captions seen without their image: text-only completion in distribution
+    vocabulary: str = "full"  # compact: softmax over the training captions' token ids only (vocabulary.json)
 
     def __post_init__(self) -> None:
         _sizes("language", layers=(self.layers, 1, MAX_LAYERS), heads=(self.heads, 1, MAX_WIDTH), mlp_ratio=(self.mlp_ratio, 0.01, 64))
         _check(0.0 <= self.text_only_prob < 1.0, f"language.text_only_prob must be in [0, 1), got {self.text_only_prob}")
         _choice(self.activation, "language.activation", ACTIVATIONS)
+        _choice(self.vocabulary, "language.vocabulary", ("full", "compact"))
 
 
 @dataclass
@@ -249,10 +251,9 @@ class FoundationConfig:
     def __post_init__(self) -> None:
         _sizes("config", embed_dim=(self.embed_dim, 1, MAX_WIDTH))
         _choice(self.attention_backend, "attention_backend", ATTENTION_BACKENDS)
-        if self.decoder is not None and self.decoder.objective == "flow":
-            _check(self.sampling.scheduler in FLOW_SCHEDULERS, f"sampling.scheduler must be one of {', '.join(map(repr, FLOW_SCHEDULERS))} "
-                   f"for decoder.objective 'flow', got {self.sampling.scheduler!r}")
         if self.decoder is not None:  # multistep solvers (dpm++, unipc) give NaN at the schedule's length
+            _check(self.decoder.objective != "flow" or self.sampling.scheduler in FLOW_SCHEDULERS, "sampling.scheduler must be one of "
+                   f"{', '.join(map(repr, FLOW_SCHEDULERS))} for decoder.objective 'flow', got {self.sampling.scheduler!r}")
             _check(self.sampling.steps < self.decoder.num_train_timesteps,
                    f"sampling.steps must be below decoder.num_train_timesteps ({self.decoder.num_train_timesteps}), got {self.sampling.steps}")
 
@@ -306,8 +307,7 @@ STAGES: dict[str, StageConfig] = {name: StageConfig(dict(w), list(f)) for name, 
 def stage_config(stage: str, loss_weights: dict[str, float] | None = None, freeze: list[str] | None = None) -> StageConfig:
     """A stage preset with the user's loss weights / frozen components laid over it."""
     _choice(stage, "model.stage", tuple(STAGES))
-    preset = STAGES[stage]
-    return StageConfig({**preset.loss_weights, **(loss_weights or {})}, list(preset.freeze if freeze is None else freeze))
+    return StageConfig({**STAGES[stage].loss_weights, **(loss_weights or {})}, list(STAGES[stage].freeze if freeze is None else freeze))
 
 
 @dataclass

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from diffusion.decoder import Decoder, TextCondition
@@ -23,7 +22,7 @@ from encoders.tokenizer import Tokenizer
 
 from . import lora
 from .config import AdapterConfig, FoundationConfig, merge_dicts
-from .folders import load_vae, load_weights, write_folder
+from .folders import load_vae, load_weights, save_tensors, write_folder
 from .files import CARD_NAME, CONFIG_NAME, DECODER_DIR, PICKLE_SUFFIXES, SCHEDULER_DIR, VAE_DIR, WEIGHTS_NAME
 from .knowledge import load_vocabulary, save_vocabulary
 from .language import LanguageHead
@@ -34,6 +33,8 @@ HEADS = ("contrastive", "caption", "diffusion")
 
 # The heads a model may have besides its two encoders (``components`` of ``from_pretrained``).
 OPTIONAL_HEADS = ("decoder", "language")
+# the logit of a token outside a compact vocabulary: probability 0 in any dtype, yet finite (scores stay numbers)
+OUTSIDE_VOCABULARY_LOGIT = -1e4
 
 
 class FoundationModel(nn.Module):
@@ -90,6 +91,7 @@ class FoundationModel(nn.Module):
         heads: tuple[str, ...] = ("contrastive",),
         denoise_batch: int | None = None,
         denoise_text_grad: bool = True,
+        caption_vocab: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """What the losses of ``heads`` need, from one pass of the shared text encoder.
 
@@ -100,7 +102,8 @@ class FoundationModel(nn.Module):
         ``denoise_weight`` [n] for the first ``denoise_batch`` samples (diffusion), conditioned
         with classifier-free-guidance dropout. A component whose parameters are all frozen runs
         without building a graph; ``denoise_text_grad=False`` keeps the denoising loss off the
-        text encoder.
+        text encoder. ``caption_vocab``: the sorted token ids [K] a compact vocabulary's softmax runs
+        over (``language.vocabulary: compact``; then ``caption_logits`` is [T, K] and the targets index it).
         """
         if isinstance(heads, str):
             heads = (heads,)
@@ -124,7 +127,7 @@ class FoundationModel(nn.Module):
             out["logit_scale"] = self.encoders.logit_scale.exp()
         if "caption" in heads:
             out["caption_logits"], out["caption_targets"] = self.caption_logits(
-                text_states, tokens[:, : text_states.shape[1]], image_states)
+                text_states, tokens[:, : text_states.shape[1]], image_states, caption_vocab)
         if "diffusion" in heads:
             n = min(images.shape[0], denoise_batch or images.shape[0])
             states, pooled = text_states[:n], text_pooled[:n]
@@ -135,20 +138,29 @@ class FoundationModel(nn.Module):
             out.update(self.denoise(images[:n], cond))
         return out
 
-    def caption_logits(self, text_states: torch.Tensor, tokens: torch.Tensor, image_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-token logits [T, V] and targets [T] at the captions' real tokens (padding left
-        out); a ``text_only_prob`` share of captions is read without its image."""
+    def caption_logits(self, text_states: torch.Tensor, tokens: torch.Tensor, image_states: torch.Tensor,
+                       vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token logits [T, V] and targets [T] at the captions' real tokens (no padding); a
+        ``text_only_prob`` share of captions is read without its image. A compact vocabulary: logits
+        [T, K] over ``vocab`` (default: the batch's and the model's ids), targets index it."""
         # text_states [B, L, W], tokens [B, L], image_states [B, M, Wi]
         self.require("language")
-        target = tokens[:, 1:]  # [B, L-1]: token i+1 is predicted at position i
+        target, real = tokens[:, 1:], tokens[:, 1:] != 0  # [B, L-1]: token i+1 is predicted at position i; padding
+        weight = self.encoders.text.token_embedding.weight  # [V, W], tied
+        if self.config.language.vocabulary == "compact":
+            if vocab is None:
+                vocab = torch.cat([tokens.flatten(), self._vocabulary_ids(tokens.device, default=tokens[:0, 0])]).unique()
+            position = torch.searchsorted(vocab, target.contiguous()).clamp(max=len(vocab) - 1)
+            if not torch.equal(vocab[position[real]], target[real]):
+                raise ValueError("caption_vocab must hold every token id of the captions (sorted)")
+            weight, target = weight[vocab], position  # [K, W], [B, L-1]
         with_image = torch.rand(tokens.shape[0], device=tokens.device) >= self.config.language.text_only_prob
         logits, targets = [], []
         for rows, context in ((with_image, image_states), (~with_image, None)):
             if rows.any():
                 hidden = self.language(text_states[rows][:, :-1], context[rows] if context is not None else None)
-                real = target[rows] != 0
-                logits.append(self.lm_logits(hidden[real]))  # [T_rows, V]
-                targets.append(target[rows][real])
+                logits.append(hidden[real[rows]] @ weight.to(hidden.dtype).t())  # [T_rows, V or K]
+                targets.append(target[rows][real[rows]])
         return torch.cat(logits), torch.cat(targets)
 
     def condition(self, states: torch.Tensor, pooled: torch.Tensor, drop_prob: float | None = None, grad: bool = False) -> TextCondition:
@@ -217,8 +229,23 @@ class FoundationModel(nn.Module):
         return self.lm_logits(hidden[:, -1] if last_only else hidden)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Language-head states [..., W] -> logits [..., V] through the tied token embedding."""
-        return hidden @ self.encoders.text.token_embedding.weight.to(hidden.dtype).t()
+        """Language-head states [..., W] -> logits [..., V] through the tied token embedding; a
+        compact vocabulary computes only its ids' logits (the others were never trained: probability 0)."""
+        weight = self.encoders.text.token_embedding.weight  # [V, W]
+        ids = self._vocabulary_ids(hidden.device) if self.config.language.vocabulary == "compact" else None
+        if ids is None:
+            return hidden @ weight.to(hidden.dtype).t()
+        logits = hidden.new_full((*hidden.shape[:-1], weight.shape[0]), OUTSIDE_VOCABULARY_LOGIT)
+        logits[..., ids] = hidden @ weight[ids].to(hidden.dtype).t()  # [..., K] into [..., V]
+        return logits
+
+    def _vocabulary_ids(self, device: torch.device, default: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The model's vocabulary as sorted ids [K] on ``device`` (cached; ``default`` when unknown)."""
+        if self.vocabulary is None:
+            return default
+        if getattr(self, "_ids_of", None) is not self.vocabulary or self._ids.device != torch.device(device):
+            self._ids_of, self._ids = self.vocabulary, torch.tensor(sorted(self.vocabulary), dtype=torch.long, device=device)
+        return self._ids
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Pixels in [0, 1], [B, C, S, S] -> embeddings [B, E] in the shared space."""
@@ -256,7 +283,7 @@ class FoundationModel(nn.Module):
             config.save(folder / CONFIG_NAME)
             cast = lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v  # noqa: E731
             state = {k: cast(v.detach()).contiguous().cpu() for k, v in self.state_dict().items()}
-            save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+            save_tensors(state, folder / WEIGHTS_NAME)
             (folder / CARD_NAME).write_text(model_card)
             if self.vocabulary is not None:
                 save_vocabulary(folder, self.vocabulary)

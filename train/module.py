@@ -26,39 +26,45 @@ from multimodal.model import FoundationModel
 
 from .data import DROPPED, FIXED, SKIPPED
 from .data_checks import MAX_EMPTY_BATCHES, nothing_usable, report_line
-from .evaluation import SplitInfo, ValidationData
 from .init import OPEN_CLIP_PREFIX, add_training_adapter, init_source, load_matching_weights, with_encoder_fields
 from .optim import adamw_cosine
+from .evaluation import ValidationData
+from .features import ValidationFeatures
 from .record import base_knowledge, components_trained, extend_record, rng_states, set_rng_states
 
-class FoundationModule(L.LightningModule):
-    """Args:
-        preset: named model preset (``tiny``, ``shapes``, ``base``).
-        overrides: nested config overrides applied on the preset, e.g. ``{text: {layers: 4}}``,
-            ``{sampling: {steps: 20}}`` (the recommended sampling settings every door uses).
-        stage: ``align`` (contrastive), ``decoder`` (diffusion, encoders frozen), ``language``
-            (contrastive + captioning, CoCa) or ``joint`` (all three).
-        loss_weights / freeze: override the stage's loss weights (``contrastive``, ``diffusion``,
-            ``caption``) and frozen components (``text``, ``image``, ``decoder``, ``language``).
+class FoundationModule(ValidationFeatures, L.LightningModule):
+    """Trains a ``FoundationModel`` in one stage (its losses and frozen parts), from a preset or a saved model.
+
+    Args:
+        preset: named model size: tiny (tests), shapes (the embedded data), shapes_mmdit (shapes with
+            an MMDiT flow decoder), base (GPUs), base_latent (GPUs, latent MMDiT).
+        overrides: nested config fields laid over the preset, e.g. {text: {layers: 4}} or
+            {sampling: {steps: 20}} (the recommended sampling settings every door uses).
+        lr: AdamW peak learning rate (> 0).
+        weight_decay: AdamW weight decay (>= 0; none on norms, biases, embeddings, logit scale).
+        betas: AdamW betas, each in [0, 1).
+        eps: AdamW epsilon (> 0).
+        lr_multipliers: per-component learning-rate factors, e.g. {text: 0.1, decoder: 1.0}
+            (text, image, decoder, language, logit_scale).
+        warmup_steps: linear warmup steps (>= 0), then cosine decay.
+        min_lr_ratio: the cosine decays to lr * min_lr_ratio (in [0, 1]).
+        stage: align (contrastive), decoder (diffusion, encoders frozen), language (contrastive
+            + captioning, CoCa) or joint (all three).
+        loss_weights: override the stage's loss weights (contrastive, diffusion, caption).
+        freeze: override the stage's frozen components (text, image, decoder, language).
+        init_from: where to start: a save_pretrained folder, a LoRA adapter folder (its base, then
+            the adapter), an open_clip checkpoint file (encoders) or open_clip:MODEL[:PRETRAINED];
+            matching tensors are copied, the rest reported by name (default: random init).
+        on_nonfinite: stop (after a checkpoint of the last good weights) or skip a step whose loss
+            is NaN/inf.
         diffusion_batch_size: the denoising loss uses only the first N samples of each batch
-            (denoising costs far more per sample than the other losses); None: all.
+            (denoising costs far more per sample than the other losses; default: all).
         diffusion_text_grad: whether the denoising loss trains the shared text encoder too
-            (False: the decoder learns on the text states the other losses shape).
-        on_nonfinite: a NaN/inf loss ``stop``s the run (after saving a checkpoint of the last
-            good weights) or ``skip``s that step.
-        init_from: where to start: a ``save_pretrained`` folder, a LoRA adapter folder (its base
-            model, then the adapter), an open_clip checkpoint file (encoders), or
-            ``open_clip:MODEL[:PRETRAINED]`` (that open_clip architecture and weights for the
-            encoders). Matching tensors are copied; the rest is reported by name.
-        lora: train LoRA adapters instead of the weights (``multimodal.config.AdapterConfig``:
-            components, r, alpha, dropout, targets): every base weight is frozen and stays
-            bit-identical; the end-of-fit export writes the adapter alone.
-        lr, weight_decay, betas, eps: AdamW (no decay on norms, biases, embeddings, logit scale).
-        lr_multipliers: per-component learning-rate factors, e.g. ``{text: 0.1, decoder: 1.0}``
-            (components ``text``, ``image``, ``decoder``, ``language``; ``logit_scale`` too).
-        warmup_steps, min_lr_ratio: linear warmup, then cosine decay to ``lr * min_lr_ratio``.
+            (false: the decoder learns on the text states the other losses shape).
+        lora: train LoRA adapters instead of the weights (components, r, alpha, dropout, targets):
+            base weights stay bit-identical; the export writes the adapter alone (default: none).
         data_report_every: print the used / skipped / fixed sample counts at most this often
-            (seconds; summed over the epochs in between; logged as ``data/<kind>`` every epoch).
+            (seconds; logged as data/<kind> every epoch).
     """
 
     def __init__(
@@ -138,6 +144,7 @@ class FoundationModule(L.LightningModule):
         # not a buffer (DDP would overwrite every rank's with rank 0's): merged over ranks each step, in checkpoints
         self.seen_tokens = torch.zeros(self.model.tokenizer.vocab_size, dtype=torch.uint8)
         self.seen_tokens[list(base_vocab or [])] = 1
+        self._mark_seen(torch.zeros(0, dtype=torch.long))
         self.skipped_steps, self._empty_batches = 0, 0
         self.data_issues: Counter = Counter()  # this epoch's skipped / fixed samples, by kind
         self._report, self._report_epochs, self._last_report = Counter(), [], -math.inf  # printed data counts
@@ -209,6 +216,8 @@ class FoundationModule(L.LightningModule):
             merged = self.seen_tokens.to(self.device)
             torch.distributed.all_reduce(merged, op=torch.distributed.ReduceOp.MAX)
             self.seen_tokens = merged.cpu()
+        if getattr(self.model.config.language, "vocabulary", None) == "compact":  # its softmax: the ids seen so far
+            self.model.vocabulary = frozenset(self.seen_tokens.nonzero().flatten().tolist())
 
     def _even_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Under DDP, cut every rank's batch to the smallest one (skipped samples leave ranks with
@@ -224,9 +233,8 @@ class FoundationModule(L.LightningModule):
         return batch
 
     def _non_finite(self, loss: torch.Tensor) -> None:
-        """A NaN/inf loss: skip the step (``on_nonfinite: skip``, counted in
-        ``train/skipped_steps``) or save a checkpoint of the still-good weights and stop
-        (``stop``). Returning None makes Lightning skip the optimizer step."""
+        """A NaN/inf loss: skip the step (``on_nonfinite: skip``, counted in ``train/skipped_steps``) or save
+        a checkpoint of the still-good weights and stop (``stop``). None makes Lightning skip the step."""
         step = self.global_step
         if self.hparams.on_nonfinite == "skip":
             self.skipped_steps += 1
@@ -253,12 +261,12 @@ class FoundationModule(L.LightningModule):
     def knowledge(self, data: dict[str, Any], steps: int | None = None) -> tuple[Any, frozenset[int] | None]:
         """The training record (the starting point's plus this run's steps on ``data``: source and path) and the
         caption vocabulary (None: unknown) the exported model carries."""
-        seen = self.seen_tokens
         steps = int(self.global_step if steps is None else steps)
         run = {"stage": self.hparams.stage, "steps": steps, "trained": self.trains, "data": data,
                **({"init_from": str(self.hparams.init_from)} if self.hparams.init_from else {})}
         record = extend_record(self.base_record, self.trains, steps, run)
-        vocabulary = frozenset(seen.nonzero().flatten().tolist()) if self.vocabulary_known else None
+        known = self.vocabulary_known or getattr(self.model.config.language, "vocabulary", None) == "compact"
+        vocabulary = frozenset(self.seen_tokens.nonzero().flatten().tolist()) if known else None
         return record, vocabulary
 
     # ---- EMA of the decoder ----------------------------------------------------------------------
@@ -286,8 +294,7 @@ class FoundationModule(L.LightningModule):
                                        "vocabulary_known": self.vocabulary_known, "seen_tokens": self.seen_tokens.clone()}
         if self.ema is not None:
             checkpoint["decoder_ema"] = self.ema.state_dict()
-        # the random streams of noise, timesteps and dropout, so that a resumed run continues them
-        # (tensors, ints and tuples only: the checkpoint stays loadable with weights_only=True)
+        # noise / timestep / dropout random streams, continued on resume (plain tensors: loadable with weights_only)
         checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -298,6 +305,7 @@ class FoundationModule(L.LightningModule):
             self.base_record = TrainingRecord(**json.loads(base["record"])) if base["record"] else None
             self.vocabulary_known = bool(base["vocabulary_known"])
             self.seen_tokens = base["seen_tokens"].to(torch.uint8).clone()
+            self._mark_seen(torch.zeros(0, dtype=torch.long))
         if self.ema is not None and "decoder_ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["decoder_ema"])
         if checkpoint.get("rng_states") is not None:
@@ -314,8 +322,7 @@ class FoundationModule(L.LightningModule):
         if totals["used"] == 0:  # every rank: the totals are summed over ranks
             raise ValueError(nothing_usable(totals, f"epoch {self.current_epoch}"))
         self.log_dict({f"data/{k}": float(v) for k, v in totals.items()}, rank_zero_only=True)
-        self.data_issues.clear()
-        self.samples_seen = 0
+        self.data_issues, self.samples_seen = Counter(), 0
         self._report.update(totals)
         self._report_epochs.append(self.current_epoch)
         if time.monotonic() - self._last_report >= self.hparams.data_report_every:
@@ -326,75 +333,7 @@ class FoundationModule(L.LightningModule):
             rank_zero_info(report_line(self._report, self._report_epochs))
             self._report, self._report_epochs, self._last_report = Counter(), [], time.monotonic()
 
-    def on_train_end(self) -> None:
-        self.print_data_report()
+    on_train_end = print_data_report
 
     def configure_optimizers(self) -> dict[str, Any]:
         return adamw_cosine(self, self.hparams, int(self.trainer.estimated_stepping_batches))
-
-    # ---- validation features for the evaluators -------------------------------------------------
-    @torch.no_grad()
-    def features(self, batch: dict[str, Any], pixels: bool) -> dict[str, torch.Tensor]:
-        """One validation batch -> what ``ValidationData`` holds: fp32 features, and with
-        ``pixels`` the images as uint8 (exact: every source makes them from 8-bit values)."""
-        out = self.model(batch, heads=("contrastive",))
-        record = {"image": out["image_features"].float(), "text": out["text_features"].float(),
-                  "label": batch["label"], "group": batch["group"]}
-        if pixels:
-            record["pixels"] = (batch["image"].float() * 255).round().to(torch.uint8)
-        return record
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        batch.pop("data_issues", None)  # bad validation samples are skipped (training counts them)
-        if batch["image"].shape[0]:
-            self._val_outputs.append(self.features(batch, self._keep_pixels))
-
-    test_step = validation_step
-
-    def on_validation_epoch_start(self) -> None:
-        self.last_metrics = (self.global_step, {})
-        # images are kept (and gathered over ranks) only when an evaluator reads them
-        self._keep_pixels = any(getattr(cb, "needs_pixels", False) for cb in self.trainer.callbacks)
-
-    on_test_epoch_start = on_validation_epoch_start
-
-    def on_validation_epoch_end(self) -> None:  # runs after the evaluator callbacks
-        self.end_evaluation()
-
-    on_test_epoch_end = on_validation_epoch_end
-
-    def record_metrics(self, metrics: dict[str, float]) -> None:
-        """Evaluators report here, so the end-of-fit report reuses the last validation's figures."""
-        self.last_metrics[1].update(metrics)
-
-    def start_evaluation(self, loader) -> None:
-        """Features of a whole split on this process, outside Lightning's loop (end of fit)."""
-        self.end_evaluation()
-        was_training = self.training
-        self.eval()
-        with self.trainer.precision_plugin.forward_context():
-            for batch in loader:
-                batch.pop("data_issues", None)
-                batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                if batch["image"].shape[0]:
-                    self._val_outputs.append(self.features(batch, pixels=True))
-        self.train(was_training)
-        self._val_complete = True
-
-    def end_evaluation(self) -> None:
-        self._val_outputs.clear()
-        self._val_data, self._val_complete = None, False
-
-    def validation_data(self) -> ValidationData | None:
-        """This evaluation's features from every rank (gathered once, then cached)."""
-        if self._val_data is not None or not self._val_outputs:
-            return self._val_data
-        merged = {k: torch.cat([o[k] for o in self._val_outputs]) for k in self._val_outputs[0]}
-        if not self._val_complete and self._trainer is not None and self.trainer.world_size > 1:
-            gathered = {k: self.all_gather(v.to(self.device)) for k, v in merged.items()}
-            merged = {k: v.flatten(0, 1) if v.dim() > merged[k].dim() else v for k, v in gathered.items()}
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        info = dm.split_info() if hasattr(dm, "split_info") else SplitInfo()
-        cpu = {k: v.cpu() for k, v in merged.items()}
-        self._val_data = ValidationData(cpu["image"], cpu["text"], cpu["label"], cpu["group"], cpu.get("pixels"), info)
-        return self._val_data
