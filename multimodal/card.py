@@ -110,7 +110,9 @@ def describe_data(datamodule: Any) -> str:
     if source == "shapes":
         return ("The embedded procedural captioned-shapes data (`data.source: shapes`): one shape in one "
                 "of six colors, two sizes and five positions per 32x32 image, four caption templates; "
-                "24 color+shape combinations are held out of training for evaluation.")
+                "for each of the 24 color+shape pairs one size+position combination (24 of the 240 "
+                "combinations) is held out of training for evaluation: every pair is trained on, the "
+                "held-out images show it at a size and place it was never seen at.")
     text = f"`data.source: {source}`, `data.path: {getattr(datamodule, 'path', None)}`"
     if getattr(datamodule, "val_path", None):
         text += f", validation `data.val_path: {datamodule.val_path}`"
