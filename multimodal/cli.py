@@ -7,32 +7,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
-from .config import MAX_IMAGES, SCHEDULER_NAMES  # standard library only: --help stays fast
+from .cli_parser import TRAIN_COMMANDS, USAGE, parser as _parser  # standard library only: --help stays fast
+from .config import MAX_IMAGES
 
-TRAIN_COMMANDS = ("fit", "validate", "test", "predict")
-USAGE = """usage: multimodal {fit,validate,test,predict,evaluate,prepare,export,merge,generate,classify,caption,complete,demo,probe} ...
-
-  fit        train (LightningCLI: --config assets/configs/align.yaml; --print_config shows every option)
-  validate   evaluate a checkpoint on the validation split (--ckpt_path)
-  test       same metrics on the held-out split (--ckpt_path)
-  predict    run prediction (--ckpt_path)
-  evaluate   a model on any image-caption folder: retrieval, zero-shot, caption BLEU/CIDEr/ROUGE, FID/KID -> report/
-  prepare    write a real data set a package ships (digits: scikit-learn's handwritten digits) as train/ and val/ folders
-  export     Lightning checkpoint -> save_pretrained folder (decoder/ also in diffusers' format; LoRA runs: the adapter)
-  merge      LoRA adapter + its base model -> a merged full model
-  generate   text -> image(s)
-  classify   image(s) + labels -> zero-shot probabilities (--support FOLDER: few-shot from examples)
-  caption    image(s) -> caption(s) (greedy, --num-beams, --sample)
-  complete   text -> text (optionally about an image: --image)
-  demo       the Gradio demo page (127.0.0.1:7860 by default)
-  probe      linear probe vs zero-shot vs k-shot prototypes on a labeled image folder
-
-generate, classify, caption, complete, demo and probe take --model DIR (a save_pretrained folder);
-without it they use the shipped shapes model. --adapter DIR puts a LoRA adapter on it (leave it out: the
-base alone).
-"""
 
 
 def _model_dir(model: str | None) -> Path:
@@ -57,9 +37,28 @@ def _pipeline(args: argparse.Namespace, **kwargs):
         if not is_adapter_folder(adapter):
             raise FileNotFoundError(f"--adapter: {adapter} is not an adapter folder (no adapter_config.json)")
     kwargs["allow_untrained"] = getattr(args, "allow_untrained", False)
+    if getattr(args, "device", None) is not None:
+        kwargs["device"] = _device(args.device)
     if adapter is not None and args.model is None:
         return FoundationPipeline.from_pretrained(adapter, **kwargs)
     return FoundationPipeline.from_pretrained(_model_dir(args.model), adapter=adapter, **kwargs)
+
+
+def _device(name: str) -> str:
+    """``--device``: auto is CUDA when present, else the CPU; a named device must exist here."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible); use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return str(device)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -128,11 +127,13 @@ def _generate(args: argparse.Namespace) -> int:
     for path in paths:  # before sampling: nothing is computed for an output that cannot be written
         check_image_path(path, args.overwrite, "--out")
     pipe = _pipeline(args, scheduler=args.scheduler, components=("decoder",))  # None: the model's recommended settings (config.sampling)
-    out = pipe(
-        args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
-        num_images_per_prompt=args.num_images,
-        generator=[torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)],
-    )
+    with warnings.catch_warnings():  # the command takes no filter: a warning about one is nothing a user can act on here
+        warnings.filterwarnings("ignore", message="generating without a prompt filter")
+        out = pipe(
+            args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
+            num_images_per_prompt=args.num_images,
+            generator=[torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)],
+        )
     _warn_unseen(pipe, args.prompt)
     target.parent.mkdir(parents=True, exist_ok=True)
     for image, path in zip(out.images, paths):
@@ -173,8 +174,6 @@ def _classify(args: argparse.Namespace) -> int:
         scores = pipe.classify_few_shot(args.images, [str(p) for p in paths], support_labels)
         probs = (pipe.model.encoders.logit_scale.exp().float().cpu() * scores).softmax(-1)
     else:
-        import warnings
-
         from .knowledge import UnseenWordsWarning
         from .templates import DEFAULT_TEMPLATES
 
@@ -262,19 +261,12 @@ def _demo(args: argparse.Namespace) -> int:
 
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be in [1, 65535], got {args.port}")
-
     if args.adapter is not None and args.model is None:  # the adapter on the base it records
-        launch(args.adapter, host=args.host, port=args.port, allow_untrained=args.allow_untrained)
+        launch(args.adapter, host=args.host, port=args.port, allow_untrained=args.allow_untrained, device=_device(args.device))
     else:
-        launch(_model_dir(args.model), host=args.host, port=args.port, adapter=args.adapter, allow_untrained=args.allow_untrained)
+        launch(_model_dir(args.model), host=args.host, port=args.port, adapter=args.adapter, allow_untrained=args.allow_untrained,
+               device=_device(args.device))
     return 0
-
-
-def _model_options(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--model", default=None, help="a save_pretrained folder (default: the shipped shapes model)")
-    command.add_argument("--adapter", default=None, help="a LoRA adapter folder to apply (alone: on the base it records)")
-    command.add_argument("--allow-untrained", action="store_true",
-                         help="run components this model never trained (refused otherwise: their output is noise)")
 
 
 def _warn_unseen(pipe, texts) -> None:
@@ -283,84 +275,6 @@ def _warn_unseen(pipe, texts) -> None:
 
     if words := pipe.unseen_words(texts):
         print(f"warning: {unseen_message(words)}", file=sys.stderr)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="multimodal")
-    sub = parser.add_subparsers(dest="command", required=True)
-    exp = sub.add_parser("export", help="Lightning checkpoint -> save_pretrained folder")
-    exp.add_argument("--ckpt", required=True, help="a .ckpt written by multimodal fit")
-    exp.add_argument("--out", required=True, help="output folder")
-    exp.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
-                     help="store the weights in this type (float16: half the size)")
-    exp.add_argument("--merge", action="store_true", help="LoRA runs: write the adapter merged into a full model")
-    exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder as a whole (everything in it goes)")
-    mrg = sub.add_parser("merge", help="LoRA adapter + its base -> a merged full model")
-    mrg.add_argument("--adapter", required=True, help="an adapter folder (written by a fit with --model.lora)")
-    mrg.add_argument("--model", default=None, help="the base model folder (default: the one the adapter records)")
-    mrg.add_argument("--out", required=True, help="output folder")
-    mrg.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    mrg.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder as a whole (everything in it goes)")
-    gen = sub.add_parser("generate", help="text -> image(s)")
-    gen.add_argument("prompt")
-    _model_options(gen)
-    gen.add_argument("--out", default="image.png", help="output PNG (several images: NAME_0.png, NAME_1.png, ...; default image.png)")
-    gen.add_argument("--negative", default=None, help="negative prompt (default: the empty prompt)")
-    gen.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's recommended, config.json 'sampling')")
-    gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's recommended)")
-    gen.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
-    gen.add_argument("--scheduler", default=None, choices=SCHEDULER_NAMES,
-                     help="sampling scheduler (default: the model's recommended)")
-    gen.add_argument("--num-images", type=int, default=1, help=f"images to generate, 1..{MAX_IMAGES} (default 1)")
-    gen.add_argument("--overwrite", action="store_true", help="replace existing output images")
-    cap = sub.add_parser("caption", help="image(s) -> caption(s)")
-    cap.add_argument("images", nargs="+", help="image file(s)")
-    _model_options(cap)
-    cap.add_argument("--max-new-tokens", type=int, default=16)
-    cap.add_argument("--num-beams", type=int, default=1)
-    cap.add_argument("--sample", action="store_true", help="sample instead of greedy / beam search")
-    cap.add_argument("--temperature", type=float, default=1.0)
-    cap.add_argument("--top-k", type=int, default=None)
-    cap.add_argument("--top-p", type=float, default=1.0)
-    cap.add_argument("--seed", type=int, default=0)
-    cls = sub.add_parser("classify", help="image(s) + labels -> probabilities")
-    cls.add_argument("images", nargs="+", help="image file(s)")
-    cls.add_argument("--labels", default=None, help="zero-shot: comma-separated class names, e.g. 'red circle, blue square'")
-    cls.add_argument("--support", default=None, help="few-shot instead: a folder with one subfolder of example images per class")
-    cls.add_argument("--shots", type=int, default=None, help="with --support: use at most this many examples per class")
-    cls.add_argument("--templates", nargs="*", default=None, help="prompt templates with {} (default: the shapes caption templates)")
-    cls.add_argument("--top", type=int, default=3, help="how many labels to print per image")
-    _model_options(cls)
-    com = sub.add_parser("complete", help="text -> text")
-    com.add_argument("text")
-    com.add_argument("--image", default=None, help="complete the text about this image")
-    com.add_argument("--max-new-tokens", type=int, default=16)
-    com.add_argument("--num-beams", type=int, default=1)
-    _model_options(com)
-    prb = sub.add_parser("probe", help="linear probe / zero-shot / few-shot accuracy on a labeled folder")
-    prb.add_argument("--data", required=True, help="a folder with one subfolder of images per class (name: the class)")
-    _model_options(prb)
-    prb.add_argument("--templates", nargs="*", default=None, help="zero-shot prompt templates with {}")
-    prb.add_argument("--test-fraction", type=float, default=0.5, help="share of each class held out for testing")
-    prb.add_argument("--shots", type=int, default=5, help="examples per class for the prototypes")
-    prb.add_argument("--seed", type=int, default=0)
-    ev = sub.add_parser("evaluate", help="a model on an image-caption folder -> report.json, report.md, PNGs")
-    ev.add_argument("--model", default=None, help="a save_pretrained folder (default: the shipped shapes model)")
-    ev.add_argument("--data", required=True, help="the evaluation folder (images + captions; class subfolders give zero-shot and class scores)")
-    ev.add_argument("--out", default="report", help="output folder (default report/; never overwritten without --overwrite)")
-    ev.add_argument("--train-data", default=None, help="the training folder, for the pixel classifier (default: the one the model's record names)")
-    ev.add_argument("--inception-weights", default=None, help="a local Inception-v3 FID weights file: FID/KID on Inception features too")
-    ev.add_argument("--limit", type=int, default=None, help="caption and generate for at most this many images (default: all; retrieval and zero-shot use all)")
-    ev.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
-    pre = sub.add_parser("prepare", help="write a data set a package ships as image folders")
-    pre.add_argument("dataset", choices=("digits",), help="digits: scikit-learn's handwritten digits (1797 scans, CC BY 4.0)")
-    pre.add_argument("out", help="output folder (gets train/ and val/)")
-    pre.add_argument("--overwrite", action="store_true", help="replace a non-empty folder as a whole (everything in it goes)")
-    dem = sub.add_parser("demo", help="the Gradio demo page")
-    _model_options(dem)
-    dem.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    dem.add_argument("--port", type=int, default=7860)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -28,7 +29,8 @@ from PIL import Image
 from diffusion.schedule import scheduler_names
 
 from .config import DemoLimits
-from .knowledge import UnseenWordsWarning, trained_components, unseen_message
+from .files import CARD_NAME, read_regular
+from .knowledge import UnseenWordsWarning, knowledge_summary, trained_components, unseen_message
 from .pipeline import FoundationPipeline
 from .preprocess import as_pil, preprocess, to_rgb
 from .templates import DEFAULT_TEMPLATES
@@ -37,13 +39,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_MODEL = ROOT / "assets" / "models" / "shapes"
 EXAMPLES = ROOT / "assets" / "demo"
 THUMBNAIL = 192  # pixels: search results are shown at most this large
+CLASSIFY_LABELS = ("red circle", "blue square", "green triangle", "yellow diamond")
+# uploaded and example images are shown as large as results, with crisp pixels (a 32-pixel image stays visible)
+CSS = ".model-input img { width: 256px !important; height: 256px !important; object-fit: contain; image-rendering: pixelated; }"
 
 
 def _error(message: str) -> Exception:
     """A message for the page, without any server path (a path is shortened to its file name)."""
     import gradio as gr
 
-    return gr.Error(scrub(message))
+    message = scrub(message)
+    print(f"demo: refused a request: {message}", file=sys.stderr, flush=True)  # one line, not a traceback: the input was bad
+    return gr.Error(message, print_exception=False)
 
 
 def scrub(message: str) -> str:
@@ -138,6 +145,24 @@ def example_images() -> list[Path]:
     return sorted(EXAMPLES.glob("*.png"))
 
 
+def example_labels(path: Path) -> str:
+    """Labels for a shipped example image (``large_red_triangle.png``): its own color and shape
+    among three others, alphabetical, so that every example can be answered right."""
+    answer = " ".join(path.stem.split("_")[-2:])
+    return ", ".join(sorted([answer, *[label for label in CLASSIFY_LABELS if label != answer][:3]]))
+
+
+def _card(pipe: FoundationPipeline) -> str:
+    """The model folder's card (README.md), for the page's "Model card" section; "" when none."""
+    folder = Path(pipe.model.name_or_path) if pipe.model.name_or_path else None
+    if folder is None or not (folder / CARD_NAME).is_file():
+        return ""
+    try:
+        return read_regular(folder / CARD_NAME, 1 << 20).decode("utf-8", errors="replace")
+    except (OSError, ValueError):
+        return ""
+
+
 def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gallery: list[Path] | None = None):
     """The ``gr.Blocks`` page for ``pipe`` (not launched). ``gallery``: the images the Search
     tab searches besides uploads (default: the shipped example images)."""
@@ -203,7 +228,10 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
             del image
         with lock:
             ranked = pipe.retrieve(query, torch.stack(pixels), top_k=top_k)
-        return [(_view(thumbs[i]), f"{sources[i][1]}  {score:.3f}") for i, score in ranked]
+        where = (f"the {len(gallery)} built-in example images" + (f" and {len(uploads)} uploaded" if uploads else
+                 " (upload images to search yours too)") if gallery else f"{len(uploads)} uploaded images")
+        table = "\n".join(f"{r}. `{sources[i][1]}` {score:.3f}" for r, (i, score) in enumerate(ranked, 1))
+        return [(_view(thumbs[i]), f"{score:.3f} {Path(sources[i][1]).stem}") for i, score in ranked], f"Searched {where}:\n\n{table}"
 
     @_answering
     def caption(image, num_beams):
@@ -228,14 +256,18 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
     examples = [str(p) for p in example_images()[:4]]
     trained = trained_components(pipe.model.config)
     untrained = [c for c in ("decoder", "language") if getattr(pipe.model, c) is not None and c not in trained]
+    card = _card(pipe)
+    summary = knowledge_summary(pipe.model.config, pipe.model.vocabulary, pipe.model.tokenizer)
+    name = Path(pipe.model.name_or_path).name if pipe.model.name_or_path else "this model"
     with gr.Blocks(title="multimodal-foundation demo", analytics_enabled=False,
                    delete_cache=(limits.upload_check_s, limits.upload_max_age_s)) as demo:
         gr.Markdown(
             "# multimodal-foundation\nOne shared text encoder: generate images, classify and search "
-            "images zero-shot, caption images and complete text."
+            f"images zero-shot, caption images and complete text.\n\n**Model `{name}`.** {summary}"
+            + (" Its full model card is at the bottom of the page." if card else "")
             + "".join(f"\n\n**This model's {c} was never trained**: "
                       + ("its output is noise (run with --allow-untrained)." if pipe.allow_untrained else "its tab is refused.")
-                      for c in untrained)
+                      for c in untrained), elem_id="model-summary"
         )
         with gr.Tab("Generate"):
             with gr.Row():
@@ -254,18 +286,18 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
                     g_note = gr.Markdown(elem_id="generate-note")
             g_button.click(generate, [g_prompt, g_negative, g_steps, g_guidance, g_seed, g_scheduler, g_count],
                            [g_gallery, g_note], api_name="generate")
-            gr.Examples([["a large red circle"], ["a small blue square at the top left"], ["a green triangle"]], [g_prompt])
+            gr.Examples([["a large red circle"], ["a small blue square at the top left"], ["a green triangle"]], [g_prompt], elem_id="generate-examples")
         with gr.Tab("Classify"):
             with gr.Row():
-                c_image = _image_input(label="Image")  # a path, decoded by the project's checks
+                c_image = _image_input(label="Image", elem_classes=["model-input"], elem_id="classify-image")  # a path, decoded by the project's checks
                 with gr.Column():
                     c_labels = gr.Textbox(label="Labels (comma-separated)", value="red circle, blue square, green triangle, yellow diamond")
                     c_button = gr.Button("Classify", variant="primary")
-                    c_out = gr.Label(label="Probabilities", num_top_classes=5)
+                    c_out = gr.Label(label="Probabilities", num_top_classes=5, elem_id="classify-out")
                     c_note = gr.Markdown(elem_id="classify-note")
             c_button.click(classify, [c_image, c_labels], [c_out, c_note], api_name="classify")
             if examples:
-                gr.Examples([[e] for e in examples], [c_image])
+                gr.Examples([[e, example_labels(Path(e))] for e in examples], [c_image, c_labels], elem_id="classify-examples")
         with gr.Tab("Search"):
             with gr.Row():
                 with gr.Column():
@@ -273,34 +305,39 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
                     s_uploads = gr.File(label="Add images", file_count="multiple", file_types=["image"])
                     s_top = gr.Slider(1, 16, value=4, step=1, label="Results")
                     s_button = gr.Button("Search", variant="primary")
-                s_out = gr.Gallery(label="Ranked results", columns=4)
-            s_button.click(search, [s_query, s_uploads, s_top], s_out, api_name="search")
-            gr.Examples([["a red shape"], ["a large square"]], [s_query])
+                with gr.Column():
+                    s_out = gr.Gallery(label="Ranked results", columns=4, elem_id="search-gallery")
+                    s_note = gr.Markdown(elem_id="search-note")
+            s_button.click(search, [s_query, s_uploads, s_top], [s_out, s_note], api_name="search")
+            gr.Examples([["a red shape"], ["a large square"]], [s_query], elem_id="search-examples")
         with gr.Tab("Caption"):
             with gr.Row():
-                p_image = _image_input(label="Image")
+                p_image = _image_input(label="Image", elem_classes=["model-input"], elem_id="caption-image")
                 with gr.Column():
                     p_beams = gr.Slider(1, 8, value=1, step=1, label="Beams")
                     p_button = gr.Button("Caption", variant="primary")
-                    p_out = gr.Textbox(label="Caption")
+                    p_out = gr.Textbox(label="Caption", elem_id="caption-out")
             p_button.click(caption, [p_image, p_beams], p_out, api_name="caption")
             if examples:
-                gr.Examples([[e] for e in examples], [p_image])
+                gr.Examples([[e] for e in examples], [p_image], elem_id="caption-examples")
         with gr.Tab("Complete"):
             t_text = gr.Textbox(label="Text", value="a picture of a")
             t_tokens = gr.Slider(1, limits.max_new_tokens, value=8, step=1, label="New tokens")
             t_button = gr.Button("Complete", variant="primary")
-            t_out = gr.Textbox(label="Completion")
+            t_out = gr.Textbox(label="Completion", elem_id="complete-out")
             t_note = gr.Markdown(elem_id="complete-note")
             t_button.click(complete, [t_text, t_tokens], [t_out, t_note], api_name="complete")
-            gr.Examples([["a picture of a"], ["a drawing of a small"]], [t_text])
+            gr.Examples([["a picture of a"], ["a drawing of a small"]], [t_text], elem_id="complete-examples")
+        if card:
+            with gr.Accordion("Model card", open=False, elem_id="model-card"):
+                gr.Markdown(card)
     demo.queue(max_size=limits.queue_size, default_concurrency_limit=limits.concurrency)
     return demo
 
 
 def launch(model: str | Path | None = None, host: str = "127.0.0.1", port: int | None = None,
            limits: DemoLimits = DemoLimits(), prevent_thread_lock: bool = False, quiet: bool = False,
-           adapter: str | Path | None = None, allow_untrained: bool = False):
+           adapter: str | Path | None = None, allow_untrained: bool = False, device: str = "cpu"):
     """Load the model (default: the shipped shapes model; a LoRA adapter folder brings its base),
     optionally with a LoRA ``adapter`` on it, and serve the page. Returns the ``gr.Blocks`` (its
     ``local_url`` tells where it runs; ``close()`` stops it)."""
@@ -310,13 +347,15 @@ def launch(model: str | Path | None = None, host: str = "127.0.0.1", port: int |
     from .web import GuardMiddleware, parse_size
 
     directory = Path(model) if model is not None else SHIPPED_MODEL
-    pipe = FoundationPipeline.from_pretrained(directory, adapter=adapter, allow_untrained=allow_untrained)
+    pipe = FoundationPipeline.from_pretrained(directory, adapter=adapter, allow_untrained=allow_untrained, device=device)
     demo = build_demo(pipe, limits)
     guard = Middleware(GuardMiddleware, max_files=limits.max_uploads,
                        max_bytes=limits.max_uploads * parse_size(limits.max_file_size) + (1 << 20))
     demo.launch(
         server_name=host, server_port=port, share=False, max_file_size=limits.max_file_size,
-        prevent_thread_lock=prevent_thread_lock, show_error=False, quiet=quiet, ssr_mode=False,
-        app_kwargs={"middleware": [guard]},
+        prevent_thread_lock=prevent_thread_lock, show_error=False, quiet=True, ssr_mode=False,
+        app_kwargs={"middleware": [guard]}, css=CSS,
     )
+    if not quiet:  # Gradio's own banner suggests share=True, which this page never does
+        print(f"demo of {directory} running on {demo.local_url} (this machine only: never shared); Ctrl+C stops it", flush=True)
     return demo

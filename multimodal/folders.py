@@ -29,6 +29,17 @@ from pathlib import Path
 _PARTIAL, _OLD = "partial", "old"
 
 
+def save_tensors(tensors: dict, path: str | os.PathLike[str]) -> None:
+    """``safetensors`` file at ``path``, readable as any file the user writes (safetensors
+    creates it owner-only, 0600; here the umask decides, as for the config next to it)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def load_weights(path: str | Path, device: str = "cpu") -> dict:
     """The tensors of a safetensors file, or a ``ValueError`` naming the file: damaged or
     foreign bytes, or NaN/inf values (a bad copy, a run that diverged) that would make every

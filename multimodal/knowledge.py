@@ -105,3 +105,25 @@ def unseen_words(tokenizer, vocabulary: frozenset[int] | None, texts: str | Iter
 def unseen_message(words: list[str]) -> str:
     return (f"the model never saw {', '.join(repr(w) for w in words)} in its training captions: "
             "what it makes of them is a guess")
+
+
+def knowledge_summary(config: FoundationConfig, vocabulary: frozenset[int] | None, tokenizer, max_words: int = 60) -> str:
+    """One line on what a model knows: the data it was trained on (from its record) and the
+    words of its training captions, so that a page or a card can say it up front."""
+    runs = config.training.runs if config.training else []
+    sources = []
+    for run in runs:
+        data = run.get("data") if isinstance(run.get("data"), dict) else {}
+        name = ("the embedded captioned-shapes data" if data.get("source") in (None, "shapes")
+                else f"{data.get('source')} data{' in ' + Path(str(data['path'])).name if data.get('path') else ''}")
+        if name not in sources:
+            sources.append(name)
+    steps = sum(int(r.get("steps", 0)) for r in runs)
+    trained = f"Trained on {' and '.join(sources)} ({steps} steps)" if sources else "Training history unknown"
+    if vocabulary is None:
+        return trained + "; the words of its training captions are unknown."
+    special = {tokenizer.sot_token_id, tokenizer.eot_token_id}
+    decoded = (tokenizer.decode([i]).strip() for i in vocabulary if i not in special)
+    words = sorted({w for w in decoded if any(c.isalnum() for c in w)})
+    shown = ", ".join(words[:max_words]) + (f" and {len(words) - max_words} more" if len(words) > max_words else "")
+    return f"{trained}; it knows {len(words)} words: {shown}. Any other word is a guess."

@@ -109,7 +109,8 @@ def generate_tokens(
         else:
             if args.do_sample:
                 probs = _filter_logits(logp, args.top_k, args.top_p).softmax(-1)
-                token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                on = generator.device if generator is not None else probs.device  # a CPU generator with a GPU model
+                token = torch.multinomial(probs.to(on), 1, generator=generator).squeeze(1).to(probs.device)
             else:
                 token = logp.argmax(-1)
             token = torch.where(finished, torch.zeros_like(token), token)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import re
 import time
 import urllib.error
 import urllib.request
@@ -58,8 +59,10 @@ def test_every_tab_answers_through_the_api(client):
     assert abs(sum(confidences.values()) - 1) < 1e-4
 
     upload = [gradio_client.handle_file(str(p)) for p in example_images()[:2]]
-    ranked = client.predict("a red shape", upload, 3, api_name="/search")
+    ranked, note = client.predict("a red shape", upload, 3, api_name="/search")
     assert len(ranked) == 3 and all(" " in item["caption"] for item in ranked)
+    assert note.startswith("Searched the 8 built-in example images and 2 uploaded")  # says what it searched
+    assert [line.split("`")[1] for line in note.splitlines()[2:]] == [re.split(r"\s", item["caption"], 1)[1] + ".png" for item in ranked]
 
     caption = client.predict(example, 1, api_name="/caption")
     assert isinstance(caption, str)

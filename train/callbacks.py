@@ -164,6 +164,8 @@ class ExportModel(Callback):
                 model.save_pretrained(target, model_card=card)
                 print(f"saved model to {target} (FoundationPipeline.from_pretrained)", flush=True)
         self._link(target)
+        if model.adapter is None:
+            print(next_steps(Path(self.export_to) if self.export_to else target, model.config, getattr(dm, "source", None)), flush=True)
         pl_module.end_evaluation()  # the final features are not needed any more
 
     def _link(self, target: Path) -> None:
@@ -192,3 +194,21 @@ class ExportModel(Callback):
         model.save_pretrained(target)
         print(f"saved model to {target} (gathered from the FSDP shards)", flush=True)
         self._link(target)
+
+
+def next_steps(folder: Path, config: Any, source: str | None) -> str:
+    """What to run with a freshly trained model: the commands for its trained heads."""
+    from multimodal.knowledge import trained_components
+
+    trained = trained_components(config)
+    shapes = source in (None, "shapes")
+    prompt, image = ("'a large red circle'", "assets/demo/small_red_circle.png") if shapes else ("'YOUR PROMPT'", "IMAGE.png")
+    labels = "'red circle, blue square'" if shapes else "'A, B'"
+    lines = [f"next: use the model in {folder}"]
+    if "decoder" in trained:
+        lines.append(f"  multimodal generate {prompt} --model {folder} --out image.png")
+    if "language" in trained:
+        lines.append(f"  multimodal caption {image} --model {folder}")
+    lines.append(f"  multimodal classify {image} --labels {labels} --model {folder}")
+    lines.append(f"  multimodal demo --model {folder}   (scores on a folder: multimodal evaluate --model {folder} --data FOLDER)")
+    return "\n".join(lines)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import warnings
 import zipfile
 from pathlib import Path
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from .data import FoundationDataModule
@@ -14,6 +17,36 @@ from .data_checks import check_trainable
 from .evaluation import default_evaluators, evaluators_of
 from .module import FoundationModule
 from .precision import default_precision
+
+
+# Messages a user cannot act on (library internals, advertising); warnings of this project and real
+# problems stay. Each is matched by its start, so a changed library message shows up again.
+QUIET_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"Precision .* is not supported by the model summary",
+                  r"LightningCLI's args parameter")  # args are the command line (sys.argv stays: DDP relaunches it)
+QUIET_INFO = ("💡 Tip: For seamless cloud logging",)
+
+
+def _no_version(items: dict) -> dict:
+    items.pop("v_num", None)  # the logger's version folder, shown as "v_num: 0.000"
+    return items
+
+
+class RichBar(RichProgressBar):
+    """Lightning's bar without ``v_num`` and without "Epoch 0/-2" (``max_epochs`` -1 in a
+    ``max_steps`` run): "Epoch 0"."""
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        return _no_version(super().get_metrics(trainer, pl_module))
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs >= 1:
+            return super()._get_train_description(current_epoch)
+        return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"
+
+
+class TQDMBar(TQDMProgressBar):
+    def get_metrics(self, trainer, pl_module) -> dict:
+        return _no_version(super().get_metrics(trainer, pl_module))
 
 
 class FoundationCLI(LightningCLI):
@@ -62,21 +95,35 @@ class FoundationCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
+        for i, callback in enumerate(trainer.callbacks):  # Lightning's default bars, without the noise
+            if type(callback) in (RichProgressBar, TQDMProgressBar):
+                trainer.callbacks[i] = (RichBar if type(callback) is RichProgressBar else TQDMBar)()
         if not evaluators_of(trainer):
             trainer.callbacks.extend(default_evaluators())
         return trainer
 
 
+def _quiet_info(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(QUIET_INFO)
+
+
 def run_cli(args: list[str]) -> FoundationCLI:
+    """Train / evaluate with ``args`` (the command line after ``multimodal``), without the
+    library messages a user cannot act on."""
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # Lightning's use of jsonargparse, not the user's
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    rank_zero.addFilter(_quiet_info)
     try:
-        return FoundationCLI(
-            FoundationModule,
-            FoundationDataModule,
-            args=args,
-            save_config_kwargs={"overwrite": True},
-        )
+        with warnings.catch_warnings():
+            for message in QUIET_WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
+            # the module's own AdamW + cosine (model.lr, ...): no --optimizer / --lr_scheduler groups that would bypass it
+            return FoundationCLI(FoundationModule, FoundationDataModule, args=args, save_config_kwargs={"overwrite": True},
+                                 auto_configure_optimizers=False)
     except MisconfigurationException as err:  # Lightning's own argument checks (e.g. max_steps -5)
         raise ValueError(str(err)) from None
+    finally:
+        rank_zero.removeFilter(_quiet_info)
 
 
 def check_checkpoint_file(value: str, what: str) -> None:

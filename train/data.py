@@ -86,28 +86,38 @@ def _class_keys(records: list[tuple[Any, Any]], root: Path) -> list[str | None]:
 
 # ---- the data module --------------------------------------------------------------------------------
 class FoundationDataModule(L.LightningDataModule):
-    """Args:
-        source: ``shapes``, ``folder``, ``webdataset`` or ``hf``.
-        path: the data: a folder (``folder``; ``hf`` ``save_to_disk`` or image folder), tar
-            shards (``webdataset``: a path, brace pattern, URL, or several joined by ``::``),
-            or a hub dataset name (``hf``).
-        val_path: separate validation data of the same kind (needed for ``webdataset``);
-            otherwise ``val_fraction`` of a folder / hf dataset is held out.
-        image_size: pixels per side; must match the model's ``image.image_size``.
+    """Image-caption batches from any source; bad samples are skipped and counted.
+
+    Args:
+        source: where the pairs come from: shapes (generated), folder, webdataset or hf.
+        path: the data: a folder (folder; hf save_to_disk or image folder), tar shards
+            (webdataset: a path, brace pattern, URL, or several joined by ::) or a hub dataset
+            name (hf); not used by shapes.
+        val_path: separate validation data of the same kind (needed for webdataset; default:
+            val_fraction of a folder / hf dataset is held out).
+        image_size: pixels per side; must equal the model's image.image_size.
+        batch_size: training samples per step and process.
+        val_batch_size: validation samples per batch.
+        num_workers: data loader worker processes (0: in the training process).
         random_crop: random instead of center crops in training (not bit-exact on resume).
         max_pixels: larger images are skipped (checked from the header, before decoding).
-        image_column / caption_column: ``hf`` columns (default ``image`` / ``text``).
-        hf_split / hf_name: ``hf`` split (default ``train``) and configuration name.
-        resampled / shuffle_buffer / epoch_size: ``webdataset``: draw shards with replacement
-            (endless; pair with ``epoch_size`` samples per rank and worker), shuffle buffer size
-            (0: off), samples per epoch.
-        train_size / val_size: number of generated samples (``shapes``); ``val_size`` also caps
-            the ``webdataset`` validation set (read once into memory).
-        class_folders / zero_shot_templates: ``folder``: each validation image's class is its
-            ``label`` in the metadata, else the subfolder it sits in (``_`` read as a space),
-            so validation also reports zero-shot
-            accuracy over those classes, with this prompt ensemble. None (default): so when the
-            validation images sit in at least two subfolders; True: required.
+        image_column: hf: the image column.
+        caption_column: hf: the caption column.
+        hf_split: hf: the split to read.
+        hf_name: hf: the configuration name (default: none).
+        resampled: webdataset: draw shards with replacement (endless; set epoch_size).
+        shuffle_buffer: webdataset: shuffle buffer size (0: off).
+        epoch_size: webdataset: samples per epoch per rank and worker (default: one pass).
+        train_size: shapes: generated training samples per epoch.
+        val_size: shapes: generated validation samples; also caps the webdataset validation set
+            (read once into memory).
+        val_fraction: folder / hf without val_path: the share held out for validation, in (0, 1).
+        seed: the seed of the data order, crops and held-out split.
+        class_folders: folder: each validation image's class is its metadata label, else its
+            subfolder, and validation reports zero-shot accuracy over those classes (default: when
+            the validation images sit in at least two subfolders; true: required).
+        zero_shot_templates: folder: the zero-shot prompt ensemble, templates with {} (default:
+            the built-in ones).
     """
 
     def __init__(

@@ -18,7 +18,7 @@ from multimodal.pipeline import FoundationPipeline
 
 from . import shapes
 from .evaluation import Evaluator
-from .grid import prediction_grid
+from .grid import text_grid
 from .report import generate_fixed
 
 
@@ -86,7 +86,8 @@ class SampleGrid(Callback):
     """Every ``every_n_steps`` (and at the end of fit): generate the first ``num_images`` fixed
     shapes prompts with fixed seeds (EMA decoder, the model's sampling settings) and write
     ``samples/step_XXXXXX.png`` in the run folder: each image enlarged, its prompt above, the
-    analyzer's reading below (green when color and shape match the prompt)."""
+    analyzer's reading of color+shape and of size+position below it, each green where it matches
+    the prompt and red where not."""
 
     def __init__(self, every_n_steps: int = 500, num_images: int = 16):
         self.every_n_steps, self.num_images = every_n_steps, num_images
@@ -108,13 +109,16 @@ class SampleGrid(Callback):
         with pl_module.ema_weights():
             images = generate_fixed(pl_module.model, [p for p, _, _ in prompts], pl_module.device)
         pl_module.train(was_training)
-        readings = []
-        for img, (_, truth, _) in zip(images, prompts):
+        lines = []
+        for img, (prompt, truth, _) in zip(images, prompts):
             found = shapes.analyze((img.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
-            name = f"{found.color} {found.shape}" if found else "nothing"
-            readings.append([(f"reads {name}", 1.0 if found and (found.color, found.shape) == (truth.color, truth.shape) else 0.0)])
-        truth = [f"reads {t.color} {t.shape}" for _, t, _ in prompts]
-        grid = prediction_grid(images, [p for p, _, _ in prompts], truth, readings)
+            cell = [(prompt, (0, 0, 0))]
+            for what, fields in (("color+shape", ("color", "shape")), ("size+position", ("size", "position"))):
+                read = " ".join(getattr(found, f) for f in fields) if found else "nothing"
+                match = found is not None and all(getattr(found, f) == getattr(truth, f) for f in fields)
+                cell.append((f"{what}: {read}", (0, 140, 0) if match else (200, 0, 0)))
+            lines.append(cell)
+        grid = text_grid(images, lines, scale=4)
         path = log_dir / "samples" / f"step_{trainer.global_step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
