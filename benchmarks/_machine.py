@@ -30,8 +30,9 @@ def describe(device: str) -> str:
 
 
 def autocast(device: str, precision: str):
-    """bf16 autocast for ``bf16-mixed``; nothing for ``32`` (the scripts' --precision choices)."""
-    if precision == "32":
+    """bf16 autocast for ``bf16-mixed``; nothing for ``32`` and ``bf16-true`` (weights and inputs
+    cast once to bf16 by the script: inference without per-step weight casts)."""
+    if precision in ("32", "bf16-true"):
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 

@@ -66,7 +66,8 @@ def main() -> None:
     parser.add_argument("--image-layers", type=positive, default=12)
     parser.add_argument("--image-heads", type=positive, default=12)
     parser.add_argument("--rounds", type=positive, default=2)
-    parser.add_argument("--precision", nargs="+", default=["32", "bf16-mixed"], choices=["32", "bf16-mixed"])
+    parser.add_argument("--precision", nargs="+", default=["32", "bf16-mixed", "bf16-true"], choices=["32", "bf16-mixed", "bf16-true"],
+                        help="bf16-mixed: autocast (casts every weight at every step); bf16-true: both models' weights in bf16")
     parser.add_argument("--device", type=device_name, default=default_device(), help="cpu or cuda (cuda when present)")
     args = parser.parse_args()
     _enable_coca_greedy()
@@ -114,17 +115,20 @@ def main() -> None:
         return {name: batch * k / statistics.median(t) for name, t in times.items()}
 
     for precision in args.precision:
+        dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
+        pipe.to(dtype=dtype)
+        coca.to(dtype=dtype)
         with torch.inference_mode(), autocast(args.device, precision):
-            probe = torch.rand(2, 3, args.image_size, args.image_size, device=args.device)
+            probe = torch.rand(2, 3, args.image_size, args.image_size, device=args.device, dtype=dtype)
             same = run_ours(probe, True)() == run_ours(probe, False)()  # bf16 rounds the two paths differently
             assert same or precision != "32", "cached and uncached greedy tokens differ"
             assert run_coca(probe)().shape[1] == k + 1  # also the warm-up
             for batch in args.batches:
-                images = torch.rand(batch, 3, args.image_size, args.image_size, device=args.device)
+                images = torch.rand(batch, 3, args.image_size, args.image_size, device=args.device, dtype=dtype)
                 r = rates({"cache": run_ours(images, True), "no cache": run_ours(images, False)}, batch)
                 print(f"precision={precision:<10} batch={batch:<3} ours KV cache {r['cache']:7.1f} tokens/s | ours no cache {r['no cache']:7.1f} tokens/s"
                       f" | ratio {r['cache'] / r['no cache']:.2f}x", flush=True)
-            images = torch.rand(args.coca_batch, 3, args.image_size, args.image_size, device=args.device)
+            images = torch.rand(args.coca_batch, 3, args.image_size, args.image_size, device=args.device, dtype=dtype)
             r = rates({"ours": run_ours(images, True), "ours no cache": run_ours(images, False), "coca": run_coca(images)}, args.coca_batch)
             print(f"precision={precision:<10} batch={args.coca_batch:<3} ours KV cache {r['ours']:7.1f} tokens/s | open_clip CoCa generate {r['coca']:7.1f} tokens/s"
                   f" | ratio {r['ours'] / r['coca']:.2f}x (ours without cache: {r['ours no cache'] / r['coca']:.2f}x)", flush=True)

@@ -40,8 +40,10 @@ SHIPPED_MODEL = ROOT / "assets" / "models" / "shapes"
 EXAMPLES = ROOT / "assets" / "demo"
 THUMBNAIL = 192  # pixels: search results are shown at most this large
 CLASSIFY_LABELS = ("red circle", "blue square", "green triangle", "yellow diamond")
+HEAD_NAMES = {"decoder": "image decoder", "language": "language head"}
 # uploaded and example images are shown as large as results, with crisp pixels (a 32-pixel image stays visible)
-CSS = ".model-input img { width: 256px !important; height: 256px !important; object-fit: contain; image-rendering: pixelated; }"
+CSS = (".model-input img { width: 256px !important; height: 256px !important; object-fit: contain; image-rendering: pixelated;"
+       " border: 1px solid #9ca3af; }")  # a white image on a white page still shows where it ends
 
 
 def _error(message: str) -> Exception:
@@ -63,8 +65,12 @@ def _answering(fn):
     """Errors of the pipeline (bad input, untrained parts, NaN) become page messages, scrubbed."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import gradio as gr
+
         try:
             return fn(*args, **kwargs)
+        except gr.Error:  # already a page message (a ValueError too, in Gradio 6)
+            raise
         except (ValueError, OSError, FloatingPointError) as err:  # UntrainedComponentError is a ValueError
             raise _error(str(err)) from None
     return wrapper
@@ -187,7 +193,8 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
         if not has_decoder:
             raise _error("this model has no diffusion decoder")
         pipe._require("text", "decoder")
-        with lock:
+        with lock, warnings.catch_warnings():  # no filter can be set from the page: nothing to act on in the log
+            warnings.filterwarnings("ignore", message="generating without a prompt filter")
             out = pipe(
                 prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
                 num_images_per_prompt=count, scheduler=scheduler,
@@ -258,14 +265,15 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
     untrained = [c for c in ("decoder", "language") if getattr(pipe.model, c) is not None and c not in trained]
     card = _card(pipe)
     summary = knowledge_summary(pipe.model.config, pipe.model.vocabulary, pipe.model.tokenizer)
-    name = Path(pipe.model.name_or_path).name if pipe.model.name_or_path else "this model"
+    folder = Path(pipe.model.name_or_path) if pipe.model.name_or_path else None  # runs/align/model: "align/model", no server path
+    name = "this model" if folder is None else (f"{folder.parent.name}/{folder.name}" if folder.name == "model" else folder.name)
     with gr.Blocks(title="multimodal-foundation demo", analytics_enabled=False,
                    delete_cache=(limits.upload_check_s, limits.upload_max_age_s)) as demo:
         gr.Markdown(
             "# multimodal-foundation\nOne shared text encoder: generate images, classify and search "
             f"images zero-shot, caption images and complete text.\n\n**Model `{name}`.** {summary}"
             + (" Its full model card is at the bottom of the page." if card else "")
-            + "".join(f"\n\n**This model's {c} was never trained**: "
+            + "".join(f"\n\n**This model's {HEAD_NAMES[c]} was never trained**: "
                       + ("its output is noise (run with --allow-untrained)." if pipe.allow_untrained else "its tab is refused.")
                       for c in untrained), elem_id="model-summary"
         )
@@ -286,7 +294,7 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
                     g_note = gr.Markdown(elem_id="generate-note")
             g_button.click(generate, [g_prompt, g_negative, g_steps, g_guidance, g_seed, g_scheduler, g_count],
                            [g_gallery, g_note], api_name="generate")
-            gr.Examples([["a large red circle"], ["a small blue square at the top left"], ["a green triangle"]], [g_prompt], elem_id="generate-examples")
+            gr.Examples([["a red circle"], ["a blue square"], ["a green triangle"]], [g_prompt], elem_id="generate-examples")
         with gr.Tab("Classify"):
             with gr.Row():
                 c_image = _image_input(label="Image", elem_classes=["model-input"], elem_id="classify-image")  # a path, decoded by the project's checks
@@ -353,9 +361,12 @@ def launch(model: str | Path | None = None, host: str = "127.0.0.1", port: int |
                        max_bytes=limits.max_uploads * parse_size(limits.max_file_size) + (1 << 20))
     demo.launch(
         server_name=host, server_port=port, share=False, max_file_size=limits.max_file_size,
-        prevent_thread_lock=prevent_thread_lock, show_error=False, quiet=True, ssr_mode=False,
+        prevent_thread_lock=True, show_error=False, quiet=True, ssr_mode=False,
         app_kwargs={"middleware": [guard]}, css=CSS,
     )
     if not quiet:  # Gradio's own banner suggests share=True, which this page never does
-        print(f"demo of {directory} running on {demo.local_url} (this machine only: never shared); Ctrl+C stops it", flush=True)
+        where = "this machine only" if host in ("127.0.0.1", "localhost", "::1") else f"bound to {host}"
+        print(f"demo of {directory} running on {demo.local_url} ({where}; never shared); Ctrl+C stops it", flush=True)
+    if not prevent_thread_lock:
+        demo.block_thread()
     return demo

@@ -103,15 +103,18 @@ def test_readme_commands_parse():
 
 
 @pytest.mark.slow
-def test_readme_training_commands_parse():
+def test_readme_training_commands_parse(monkeypatch):
     """The README's fit / test / validate lines, each checked by LightningCLI (--print_config runs nothing)."""
     training = [c for c in _readme_commands() if c[0] in ("fit", "test", "validate")]
     assert training
-    for args in training:
+    from train.cli import run_cli
+
+    monkeypatch.chdir(ROOT)
+    for args in training:  # in this process: one import for all
         args = [a for a in args if a not in ("--ckpt_path", "last")]
-        done = subprocess.run([sys.executable, "-m", "multimodal.cli", *args, "--print_config"], cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, (args, done.stderr[-2000:])
+        with pytest.raises(SystemExit) as done:
+            run_cli([*args, "--print_config"])
+        assert done.value.code in (0, None), args
 
 
 def test_fit_help_explains_model_and_data_options(capsys):
@@ -155,8 +158,8 @@ def test_fit_prints_no_warning_a_user_cannot_act_on(tmp_path):
     done = subprocess.run([sys.executable, "-m", "multimodal.cli", "fit", "--config", str(config)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    output = done.stdout + done.stderr
-    warnings_seen = [line for line in output.splitlines() if re.search(r"warn|deprecat|💡|Tip:", line, re.I)]
+    output = (done.stdout + done.stderr).replace(str(tmp_path), "TMP")  # (the folder's name has "warning" in it)
+    warnings_seen = [line for line in output.splitlines() if re.search(r"Warning|warning:|deprecat|💡|Tip:", line)]
     assert warnings_seen == [], warnings_seen
     assert "v_num" not in output and "/-2" not in output
     assert "next: use the model in" in output

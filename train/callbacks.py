@@ -110,6 +110,7 @@ class ExportModel(Callback):
 
     def __init__(self, export_to: str | None = None):
         self.export_to = export_to
+        self.next_steps = ""  # set by an export: the commands that use the model
 
     def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
         """Before training: refuse to end where an export cannot go without overwriting."""
@@ -164,8 +165,8 @@ class ExportModel(Callback):
                 model.save_pretrained(target, model_card=card)
                 print(f"saved model to {target} (FoundationPipeline.from_pretrained)", flush=True)
         self._link(target)
-        if model.adapter is None:
-            print(next_steps(Path(self.export_to) if self.export_to else target, model.config, getattr(dm, "source", None)), flush=True)
+        if model.adapter is None:  # printed by the command once the progress bar is gone (train.cli)
+            self.next_steps = next_steps(Path(self.export_to) if self.export_to else target, model.config, getattr(dm, "source", None))
         pl_module.end_evaluation()  # the final features are not needed any more
 
     def _link(self, target: Path) -> None:

@@ -63,6 +63,12 @@ class FoundationCLI(LightningCLI):
         self.check_ckpt_path()
         check_trainable(self.datamodule, self.model.model.config.image.image_size, self.trainer.world_size)
 
+    def after_fit(self) -> None:
+        """What to run next, after Lightning's last output (a progress bar would break the lines)."""
+        for callback in self.trainer.callbacks:
+            if getattr(callback, "next_steps", None) and self.trainer.is_global_zero:
+                print(callback.next_steps, flush=True)
+
     def before_validate(self) -> None:
         self.check_ckpt_path()
 
