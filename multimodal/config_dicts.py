@@ -48,8 +48,11 @@ def config_from_dict(cls: type[T], data: dict[str, Any] | T, path: str = "", roo
     for key, value in data.items():
         hint = hints[key]
         sub = f"{path}.{key}" if path else key
-        if typing.get_origin(hint) in (typing.Union, types.UnionType) and isinstance(value, dict):
-            hint = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), hint)  # Optional[Config]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # Optional[Config]: a mapping or null
+            part = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), None)
+            if part is not None and value is not None and not isinstance(value, dict):
+                raise ValueError(f"{'.'.join(x for x in (root, sub) if x)} must be a mapping or null, got {type(value).__name__}")
+            hint = part if part is not None and value is not None else hint
         if dataclasses.is_dataclass(hint):
             kwargs[key] = config_from_dict(hint, value, sub, root)
         elif typing.get_origin(hint) is tuple and isinstance(value, list):

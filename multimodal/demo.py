@@ -139,7 +139,9 @@ def _image_input(**kwargs):
     original = component.preprocess
 
     def preprocess(payload):
-        if payload is not None and payload.path is not None and not (payload.url or "").startswith("data:"):
+        if payload is not None and (payload.url or "").startswith("data:"):  # Gradio would decode it whole, unchecked
+            raise _error("image: send the image as a file upload, not a data: URL")
+        if payload is not None and payload.path is not None:
             return payload.path
         return original(payload)
 
@@ -223,7 +225,7 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
         sources = [(p, Path(p).name) for p in gallery] + [(u, Path(str(getattr(u, "name", u))).name) for u in uploads]
         if not sources:
             raise _error("nothing to search: upload images")
-        top_k = _number(top_k, "results", 1, len(sources))
+        top_k = min(_number(top_k, "results", 1, 16), len(sources))  # the slider's range; as many as there are
         pipe._require("text", "image")
         size, pixels, thumbs = pipe.model.config.image.image_size, [], []
         for source, _ in sources:  # one decoded image at a time: the model's input and a thumbnail are kept

@@ -29,17 +29,6 @@ from pathlib import Path
 _PARTIAL, _OLD = "partial", "old"
 
 
-def save_tensors(tensors: dict, path: str | os.PathLike[str]) -> None:
-    """``safetensors`` file at ``path``, readable as any file the user writes (safetensors
-    creates it owner-only, 0600; here the umask decides, as for the config next to it)."""
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
 def load_weights(path: str | Path, device: str = "cpu") -> dict:
     """The tensors of a safetensors file, or a ``ValueError`` naming the file: damaged or
     foreign bytes, or NaN/inf values (a bad copy, a run that diverged) that would make every
@@ -119,11 +108,22 @@ def write_folder(target: str | Path, write: Callable[[Path], object], overwrite:
     partial.mkdir()
     try:
         write(partial)
+        _readable(partial)
         _put_in_place(partial, target, overwrite, what)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return target
+
+
+def _readable(folder: Path) -> None:
+    """Files as readable as any the user writes: the umask decides (safetensors, and so diffusers'
+    weights, create theirs owner-only, 0600, beside a 0644 config)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o666 & ~mask)
 
 
 def check_target(target: str | Path, overwrite: bool, what: str = "out", inputs: Iterable[str | Path] = ()) -> Path:

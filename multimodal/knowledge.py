@@ -77,14 +77,20 @@ def save_vocabulary(directory: str | Path, token_ids: Iterable[int]) -> Path:
     return path
 
 
-def load_vocabulary(directory: str | Path) -> frozenset[int] | None:
-    """The token ids seen in training, or None when the folder does not say (unknown)."""
+def load_vocabulary(directory: str | Path, vocab_size: int = 49408) -> frozenset[int] | None:
+    """The token ids seen in training, or None when the folder does not say (unknown). Every id
+    must be an integer in [0, vocab_size) and there must be one: a compact vocabulary indexes by them."""
     path = Path(directory) / VOCABULARY_NAME
     if not path.is_file():
         return None
     try:
         ids = read_json(path)["token_ids"]
-        return frozenset(int(i) for i in ids)
+        if not isinstance(ids, list) or not ids:
+            raise ValueError("token_ids must be a non-empty list")
+        bad = [i for i in ids if type(i) is not int or not 0 <= i < vocab_size]
+        if bad:
+            raise ValueError(f"token ids must be integers in [0, {vocab_size}), got {bad[:5]}")
+        return frozenset(ids)
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: not a vocabulary file ({err})") from None
 

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from .config import AdapterConfig
 from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, WEIGHTS_NAME, open_regular
-from .folders import load_weights, save_tensors, write_folder
+from .folders import load_weights, write_folder
 
 if TYPE_CHECKING:
     from .model import FoundationModel
@@ -117,7 +118,7 @@ def save_adapter(model: "FoundationModel", directory: str | Path, base_model: st
     state = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
 
     def write(folder: Path) -> None:
-        save_tensors(state, folder / ADAPTER_WEIGHTS)
+        save_file(state, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         config.save(folder / ADAPTER_CONFIG)
         (folder / "README.md").write_text(card)
         if extra is not None:

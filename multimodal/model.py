@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
 from diffusion.decoder import Decoder, TextCondition
@@ -22,7 +23,7 @@ from encoders.tokenizer import Tokenizer
 
 from . import lora
 from .config import AdapterConfig, FoundationConfig, merge_dicts
-from .folders import load_vae, load_weights, save_tensors, write_folder
+from .folders import load_vae, load_weights, write_folder
 from .files import CARD_NAME, CONFIG_NAME, DECODER_DIR, PICKLE_SUFFIXES, SCHEDULER_DIR, VAE_DIR, WEIGHTS_NAME
 from .knowledge import load_vocabulary, save_vocabulary
 from .language import LanguageHead
@@ -150,9 +151,11 @@ class FoundationModel(nn.Module):
         if self.config.language.vocabulary == "compact":
             if vocab is None:
                 vocab = torch.cat([tokens.flatten(), self._vocabulary_ids(tokens.device, default=tokens[:0, 0])]).unique()
-            position = torch.searchsorted(vocab, target.contiguous()).clamp(max=len(vocab) - 1)
-            if not torch.equal(vocab[position[real]], target[real]):
-                raise ValueError("caption_vocab must hold every token id of the captions (sorted)")
+            ok = (isinstance(vocab, torch.Tensor) and vocab.dim() == 1 and not vocab.is_floating_point() and len(vocab) > 0
+                  and 0 <= int(vocab[0]) and int(vocab[-1]) < weight.shape[0] and bool((vocab[1:] > vocab[:-1]).all()))
+            position = torch.searchsorted(vocab, target.contiguous()).clamp(max=len(vocab) - 1) if ok else None
+            if not ok or not torch.equal(vocab[position[real]], target[real]):
+                raise ValueError(f"caption_vocab must be sorted unique token ids in [0, {weight.shape[0]}) holding every caption token")
             weight, target = weight[vocab], position  # [K, W], [B, L-1]
         with_image = torch.rand(tokens.shape[0], device=tokens.device) >= self.config.language.text_only_prob
         logits, targets = [], []
@@ -177,8 +180,7 @@ class FoundationModel(nn.Module):
         return cond
 
     def denoise(self, images: torch.Tensor, cond: TextCondition) -> dict[str, torch.Tensor]:
-        """One draw of the denoising objective on clean ``images`` [n, C, S, S] in [0, 1]
-        (on the VAE's latents when the decoder has one)."""
+        """One draw of the denoising objective on clean ``images`` [n, C, S, S] in [0, 1] (VAE latents if any)."""
         self.require("decoder")
         size = self.config.decoder.image_size
         if images.shape[-1] != size:  # e.g. a 224-pixel image tower beside a 64-pixel decoder
@@ -208,8 +210,7 @@ class FoundationModel(nn.Module):
         return self.condition(states, pooled)
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """Pixels in [0, 1], [B, C, S, S] -> the image encoder's token states [B, 1 + N, Wi]
-        (what the language head cross-attends to)."""
+        """Pixels in [0, 1], [B, C, S, S] -> image token states [B, 1 + N, Wi] (the language head's context)."""
         self.encoders.image.check_images(images)
         return self.encoders.image(self.normalize_pixels(images))[0]
 
@@ -229,12 +230,12 @@ class FoundationModel(nn.Module):
         return self.lm_logits(hidden[:, -1] if last_only else hidden)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Language-head states [..., W] -> logits [..., V] through the tied token embedding; a
-        compact vocabulary computes only its ids' logits (the others were never trained: probability 0)."""
+        """States [..., W] -> logits [..., V] (tied embedding); compact: only its ids' (the rest never trained: p = 0)."""
         weight = self.encoders.text.token_embedding.weight  # [V, W]
-        ids = self._vocabulary_ids(hidden.device) if self.config.language.vocabulary == "compact" else None
-        if ids is None:
+        if self.config.language.vocabulary != "compact":
             return hidden @ weight.to(hidden.dtype).t()
+        if (ids := self._vocabulary_ids(hidden.device)) is None:
+            raise ValueError("language.vocabulary is compact, but the model has no vocabulary.json naming its token ids")
         logits = hidden.new_full((*hidden.shape[:-1], weight.shape[0]), OUTSIDE_VOCABULARY_LOGIT)
         logits[..., ids] = hidden @ weight[ids].to(hidden.dtype).t()  # [..., K] into [..., V]
         return logits
@@ -283,7 +284,7 @@ class FoundationModel(nn.Module):
             config.save(folder / CONFIG_NAME)
             cast = lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v  # noqa: E731
             state = {k: cast(v.detach()).contiguous().cpu() for k, v in self.state_dict().items()}
-            save_tensors(state, folder / WEIGHTS_NAME)
+            save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
             (folder / CARD_NAME).write_text(model_card)
             if self.vocabulary is not None:
                 save_vocabulary(folder, self.vocabulary)
@@ -334,7 +335,7 @@ class FoundationModel(nn.Module):
                 f"unexpected: {show(unexpected) or 'none'})"
             )
         model.load_state_dict(state, strict=True)
-        model.vocabulary = load_vocabulary(directory)
+        model.vocabulary = load_vocabulary(directory, config.text.vocab_size)
         model.name_or_path = str(directory)  # where it came from (messages name it)
         return model.to(map_location).eval()
 

@@ -51,9 +51,11 @@ def test_compact_vocabulary_must_hold_every_caption_token():
     tokens = compact.tokenize(CAPTIONS)
     states, _ = compact.encoders.text(tokens)
     images = compact.encoders.image(compact.normalize_pixels(torch.rand(4, 3, 32, 32)))[0]
-    missing = tokens.flatten().unique()[:-1]
-    with pytest.raises(ValueError, match="caption_vocab must hold every token id"):
-        compact.caption_logits(states, tokens[:, : states.shape[1]], images, missing)
+    ids = tokens.flatten().unique()
+    for bad in (ids[:-1], torch.cat([ids, ids]).sort().values, torch.cat([torch.tensor([-1]), ids]), ids.float(),
+                torch.cat([ids, torch.tensor([49408])]), ids[:0], ids[None], ids.flip(0)):
+        with pytest.raises(ValueError, match="caption_vocab must be sorted unique token ids in"):
+            compact.caption_logits(states, tokens[:, : states.shape[1]], images, bad)
 
 
 def test_generation_and_scores_stay_inside_a_compact_vocabulary():
@@ -75,8 +77,9 @@ def test_generation_and_scores_stay_inside_a_compact_vocabulary():
         warnings.simplefilter("ignore")  # the unseen word is reported; its score is a number
         score = pipe.score(None, ["a purple circle"])
     assert torch.isfinite(score).all() and score.item() < 0.5 * OUTSIDE_VOCABULARY_LOGIT
-    compact.vocabulary = None  # unknown: every id, as a full vocabulary
-    torch.testing.assert_close(compact.lm_logits(hidden), full.lm_logits(hidden))
+    compact.vocabulary = None  # unknown: the untrained ids cannot be told apart, so refused
+    with pytest.raises(ValueError, match="compact, but the model has no vocabulary.json"):
+        compact.lm_logits(hidden)
 
 
 def test_training_steps_grow_the_vocabulary_the_softmax_covers():
@@ -95,3 +98,14 @@ def test_training_steps_grow_the_vocabulary_the_softmax_covers():
 def test_vocabulary_option_is_checked():
     with pytest.raises(ValueError, match="language.vocabulary must be one of 'full', 'compact'"):
         FoundationConfig.from_preset("tiny", {"language": {"vocabulary": "small"}})
+
+
+@pytest.mark.parametrize("ids", [[], [60000], [-1, 320], [1.7, 320], [True, 320], "320"])
+def test_a_damaged_vocabulary_file_is_refused(tmp_path, ids):
+    import json
+
+    from multimodal.knowledge import load_vocabulary
+
+    (tmp_path / "vocabulary.json").write_text(json.dumps({"token_ids": ids}))
+    with pytest.raises(ValueError, match="vocabulary.json: not a vocabulary file"):
+        load_vocabulary(tmp_path)

@@ -142,10 +142,10 @@ CHILD = textwrap.dedent("""
 
     def kill_at(point):
         if point == "writing weights":  # half the file written, then killed
-            def save_tensors(state, path):
+            def save_file(state, path, metadata=None):
                 open(path, "wb").write(b"x" * 1000)
                 die()
-            model_module.save_tensors = save_tensors
+            model_module.save_file = save_file
         elif point == "before the swap":
             folders._put_in_place = lambda *args: die()
         elif point == "right after the swap":
@@ -187,3 +187,14 @@ def test_a_save_killed_at_any_point_leaves_a_loadable_folder(tmp_path):
         assert all(n.startswith(".model.partial-") or n.startswith(".model.old-") for n in left), (point, left)
         _model(3.0).save_pretrained(target, overwrite=True)  # the next save clears what the killed one left
         assert _which(target) == 3.0 and [p.name for p in target.parent.iterdir()] == ["model"], point
+
+
+def test_saved_files_are_as_readable_as_the_umask_says(tmp_path):
+    """safetensors writes owner-only (0600) files; a saved folder's files follow the umask, as its config does."""
+    mask = os.umask(0o022)
+    try:
+        _model(1.0).save_pretrained(tmp_path / "model")
+    finally:
+        os.umask(mask)
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in (tmp_path / "model").rglob("*") if p.is_file()}
+    assert set(modes.values()) == {"0o644"}, modes
