@@ -149,6 +149,23 @@ def _image_input(**kwargs):
     return component
 
 
+def _quiet(*components) -> None:
+    """Gradio's own checks of a component's value (a slider's range, a dropdown's choices, an
+    upload's type) raise errors that it logs with a traceback: log one line, as the page's own
+    checks do. (Patched on the instances, as ``_image_input``.)"""
+    import gradio as gr
+
+    for component in components:
+        def preprocess(payload, original=component.preprocess, label=component.label):
+            try:
+                return original(payload)
+            except gr.Error as err:
+                raise _error(str(err.message)) from None
+            except (TypeError, ValueError):  # a value of the wrong kind from an API client
+                raise _error(f"{label}: a value of the wrong kind ({type(payload).__name__})") from None
+        component.preprocess = preprocess
+
+
 def example_images() -> list[Path]:
     return sorted(EXAMPLES.glob("*.png"))
 
@@ -341,6 +358,8 @@ def build_demo(pipe: FoundationPipeline, limits: DemoLimits = DemoLimits(), gall
         if card:
             with gr.Accordion("Model card", open=False, elem_id="model-card"):
                 gr.Markdown(card)
+        _quiet(g_prompt, g_negative, g_steps, g_guidance, g_seed, g_scheduler, g_count, c_labels, s_query, s_uploads, s_top, p_beams,
+               t_text, t_tokens)
     demo.queue(max_size=limits.queue_size, default_concurrency_limit=limits.concurrency)
     return demo
 

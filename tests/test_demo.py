@@ -77,8 +77,9 @@ def test_words_the_model_never_saw_get_a_note_under_the_result(client):
     assert "'zebra'" in note
 
 
-def test_out_of_range_input_is_refused_with_a_message(client):
-    # the sliders' bounds are checked by Gradio on the server before our own check
+def test_out_of_range_input_is_refused_with_a_message(client, capfd):
+    # the sliders' bounds are checked by Gradio on the server before our own check; each refusal
+    # is one line in the server log, never a traceback
     with pytest.raises(Exception, match=r"Value 500 is greater than maximum value 4"):
         client.predict("a red circle", "", 500, 3.0, 0, "ddim", 1, api_name="/generate")
     with pytest.raises(Exception, match=r"Value 9 is greater than maximum value 2"):
@@ -89,6 +90,10 @@ def test_out_of_range_input_is_refused_with_a_message(client):
         client.predict("x" * 1000, "", 2, 3.0, 0, "ddim", 1, api_name="/generate")
     with pytest.raises(Exception, match=r"nonsense is not in the list of choices"):
         client.predict("a red circle", "", 2, 3.0, 0, "nonsense", 1, api_name="/generate")
+    with pytest.raises(Exception, match=r"Steps: a value of the wrong kind \(str\)"):
+        client.predict("a red circle", "", "abc", 3.0, 0, "ddim", 1, api_name="/generate")
+    log = capfd.readouterr().err
+    assert "Traceback" not in log and log.count("demo: refused a request") == 6, log
 
 
 def test_no_file_outside_the_app_is_served(demo):
