@@ -162,4 +162,5 @@ def test_fit_prints_no_warning_a_user_cannot_act_on(tmp_path):
     warnings_seen = [line for line in output.splitlines() if re.search(r"Warning|warning:|deprecat|💡|Tip:", line)]
     assert warnings_seen == [], warnings_seen
     assert "v_num" not in output and "/-2" not in output
+    assert re.search(r"^step 4/4, train/loss \S+, [\d.]+ s/step$", output, re.M), output  # off a terminal: progress as lines
     assert "next: use the model in" in output

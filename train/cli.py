@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 import warnings
 import zipfile
 from pathlib import Path
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from .data import FoundationDataModule
@@ -47,6 +49,35 @@ class RichBar(RichProgressBar):
 class TQDMBar(TQDMProgressBar):
     def get_metrics(self, trainer, pl_module) -> dict:
         return _no_version(super().get_metrics(trainer, pl_module))
+
+
+class LineProgress(ProgressBar):
+    """Progress as plain lines, for output that is not a terminal (a file, ``nohup``, CI), where a
+    live bar shows nothing: a line at most every ``every_s`` seconds and at the last step."""
+
+    def __init__(self, every_s: float = 30.0):
+        super().__init__()
+        self.every_s, self._enabled, self._start, self._last = every_s, True, 0.0, 0.0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = self._last = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now, step, total = time.monotonic(), trainer.global_step, trainer.max_steps
+        if not self._enabled or not trainer.is_global_zero or (now - self._last < self.every_s and step != total):
+            return
+        self._last = now
+        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+        shown = "".join(f", {k} {v:.4g}" if isinstance(v, float) else f", {k} {v}" for k, v in metrics.items())
+        rate = (now - self._start) / max(step, 1)
+        left = f", about {rate * (total - step) / 60:.0f} min left" if total and total > step else ""
+        print(f"step {step}" + (f"/{total}" if total and total > 0 else "") + f"{shown}, {rate:.2f} s/step{left}", flush=True)
 
 
 class FoundationCLI(LightningCLI):
@@ -101,9 +132,10 @@ class FoundationCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
-        for i, callback in enumerate(trainer.callbacks):  # Lightning's default bars, without the noise
+        for i, callback in enumerate(trainer.callbacks):  # Lightning's default bars, without the noise; lines off a terminal
             if type(callback) in (RichProgressBar, TQDMProgressBar):
-                trainer.callbacks[i] = (RichBar if type(callback) is RichProgressBar else TQDMBar)()
+                bar = RichBar if type(callback) is RichProgressBar else TQDMBar
+                trainer.callbacks[i] = bar() if sys.stdout.isatty() else LineProgress()
         if not evaluators_of(trainer):
             trainer.callbacks.extend(default_evaluators())
         return trainer
