@@ -2,6 +2,7 @@
 
 import os
 import signal
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from multimodal import FoundationPipeline
+from multimodal import FoundationModel, FoundationPipeline
 from multimodal.cli import main
 
 from conftest import ALIGN, JOINT, scaled_config
@@ -184,3 +185,16 @@ def test_gpu_configs_parse_and_their_model_config_is_valid(name, capsys):
     config = FoundationConfig.from_preset(printed["model"]["preset"], printed["model"]["overrides"])
     assert config.decoder is not None and config.language is not None
     assert printed["data"]["image_size"] == config.image.image_size
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_components_train_and_export_under_their_own_names(tmp_path):
+    """model.compile: compiled in place, so checkpoints and the export keep the usual parameter names."""
+    from conftest import ALIGN, scaled_config
+    from multimodal.cli import main
+
+    config = scaled_config(tmp_path, ALIGN, max_steps=2, val_check_interval=2)
+    assert main(["fit", "--config", str(config), "--model.compile", "true"]) == 0
+    model = FoundationModel.from_pretrained(tmp_path / "runs" / "align" / "model")
+    assert not any("_orig_mod" in name for name in model.state_dict())

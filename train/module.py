@@ -65,6 +65,8 @@ class FoundationModule(ValidationFeatures, L.LightningModule):
             base weights stay bit-identical; the export writes the adapter alone (default: none).
         data_report_every: print the used / skipped / fixed sample counts at most this often
             (seconds; logged as data/<kind> every epoch).
+        compile: torch.compile each component before training (minutes of compiling first; measured on
+            2 CPU cores on the shapes joint step: 0.97 s -> 0.93 s a step after 100 s of compiling).
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class FoundationModule(ValidationFeatures, L.LightningModule):
         diffusion_text_grad: bool = True,
         lora: AdapterConfig | None = None,
         data_report_every: float = 60.0,
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -158,6 +161,10 @@ class FoundationModule(ValidationFeatures, L.LightningModule):
 
     # ---- training ------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.compile:  # in place: parameter names (checkpoints, exports) stay as they are
+            for part in lora_utils.components(self.model).values():
+                if part is not None and any(p.requires_grad for p in part.parameters()):
+                    part.compile()
         if stage == "fit" and self.model.adapter is not None and self.model.adapter.base_sha256 is None:
             raise ValueError("model.lora needs model.init_from: the base model folder the adapter is trained on")
         world = self.trainer.world_size if self._trainer is not None else 1
