@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -298,8 +299,20 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         return commands[args.command](args)
     except (ValueError, OSError, FloatingPointError, ImportError) as err:
-        print(f"multimodal {argv[0]}: error: {err}", file=sys.stderr)
+        message = str(err) if argv[0] in TRAIN_COMMANDS else _as_options(str(err))
+        print(f"multimodal {argv[0]}: error: {message}", file=sys.stderr)
         return 2
+
+
+# the Python API's argument names in its errors -> the options that set them on the command line
+OPTION_NAMES = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "num_images_per_prompt": "--num-images",
+                "negative_prompt": "--negative", "num_beams": "--num-beams", "max_new_tokens": "--max-new-tokens",
+                "min_new_tokens": "--min-new-tokens", "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p"}
+
+
+def _as_options(message: str) -> str:
+    """An error of the pipeline, in the command line's words (``num_beams`` -> ``--num-beams``)."""
+    return re.sub(r"(?<![\w-])(" + "|".join(OPTION_NAMES) + r")(?![\w-])", lambda m: OPTION_NAMES[m.group(1)], message)
 
 
 if __name__ == "__main__":

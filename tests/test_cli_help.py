@@ -164,3 +164,12 @@ def test_fit_prints_no_warning_a_user_cannot_act_on(tmp_path):
     assert "v_num" not in output and "/-2" not in output
     assert re.search(r"^step 4/4, train/loss \S+, [\d.]+ s/step$", output, re.M), output  # off a terminal: progress as lines
     assert "next: use the model in" in output
+
+
+def test_pipeline_errors_name_the_command_line_options(capsys, tmp_path):
+    image = str(ROOT / "assets" / "demo" / "small_red_circle.png")
+    assert main(["caption", image, "--num-beams", "999"]) == 2
+    assert "error: --num-beams must be in [1, 16], got 999" in capsys.readouterr().err
+    assert main(["generate", "a red circle", "--steps", "-1", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "--steps" in err and "num_inference_steps" not in err, err
