@@ -94,6 +94,8 @@ def check_image_path(path: str | Path, overwrite: bool, what: str = "--out") -> 
         raise IsADirectoryError(f"{what}: {path} is a folder; give a file name such as {path / 'image.png'}")
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise ValueError(f"{what} must end in an image suffix ({', '.join(IMAGE_SUFFIXES)}), got {str(path)!r}")
+    if path.is_symlink():  # --overwrite would write through it, into whatever file it points at
+        raise ValueError(f"{what}: {path} is a link (to {os.readlink(path)}): write to a new file, or to the linked file itself")
     if os.path.lexists(path) and not path.is_file():
         raise ValueError(f"{what}: {path} exists and is not a regular file (a pipe, device or link to nothing)")
     if path.exists() and not overwrite:

@@ -198,3 +198,16 @@ def test_saved_files_are_as_readable_as_the_umask_says(tmp_path):
         os.umask(mask)
     modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in (tmp_path / "model").rglob("*") if p.is_file()}
     assert set(modes.values()) == {"0o644"}, modes
+
+
+def test_an_output_image_that_is_a_link_is_refused_even_with_overwrite(tmp_path):
+    """--overwrite replaces the image named, never a file a link points at."""
+    from multimodal.checks import check_image_path
+
+    precious = tmp_path / "precious.txt"
+    precious.write_text("mine")
+    link = tmp_path / "link.png"
+    link.symlink_to(precious)
+    with pytest.raises(ValueError, match="is a link"):
+        check_image_path(link, overwrite=True)
+    assert precious.read_text() == "mine"
