@@ -124,3 +124,14 @@ def test_generation_scores_on_two_or_three_images_skip_only_the_floor(tiny_model
     tiny_model.config.sampling.steps = 1
     metrics, fake, real = generation_metrics(tiny_model, data, baseline=False)
     assert "gen_fid_own" in metrics and not any("floor" in k for k in metrics) and fake.shape == real.shape == (3, 3, 32, 32)
+
+
+def test_evaluate_on_images_without_captions_says_why(tmp_path, capsys):
+    """A class folder without captions: evaluate names what it skipped and what each image needs."""
+    from multimodal.cli import main
+    from train.shapes import write_class_folder
+
+    folder = write_class_folder(tmp_path / "classes", count=8)
+    assert main(["evaluate", "--data", str(folder), "--out", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err
+    assert "skipped: missing caption: 8" in err and "needs a caption" in err, err

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,9 @@ from .report import (FEATURES_NOTE, alignment_metrics, caption_metrics, class_re
 def collect(model: FoundationModel, loader: Any, info: Any) -> ValidationData:
     """Features, labels, caption groups and pixels of a whole split (no Lightning needed)."""
     parts: dict[str, list[torch.Tensor]] = {"image": [], "text": [], "label": [], "group": [], "pixels": []}
-    device = model.pixel_mean.device
+    device, issues = model.pixel_mean.device, Counter()
     for batch in loader:
-        batch.pop("data_issues", None)
+        issues.update(batch.pop("data_issues", None) or {})
         if not batch["image"].shape[0]:
             continue
         out = model({"image": batch["image"].to(device), "caption": batch["caption"]}, heads=("contrastive",))
@@ -35,7 +36,9 @@ def collect(model: FoundationModel, loader: Any, info: Any) -> ValidationData:
         parts["group"].append(batch["group"])
         parts["pixels"].append((batch["image"].float() * 255).round().to(torch.uint8))
     if not parts["image"]:
-        raise ValueError("--data: no usable image-caption pair in the evaluation data (see the skipped counts above)")
+        counts = ", ".join(f"{kind.replace('_', ' ')}: {n}" for kind, n in issues.items() if n) or "nothing found"
+        raise ValueError(f"--data: no usable image-caption pair in the evaluation data (skipped: {counts}); every image "
+                         "needs a caption (metadata.jsonl, metadata.csv or a .txt beside it)")
     cat = {k: torch.cat(v) for k, v in parts.items()}
     return ValidationData(cat["image"], cat["text"], cat["label"], cat["group"], cat["pixels"], info)
 
