@@ -275,6 +275,8 @@ class FoundationPipeline:
         over ``templates`` (a prompt ensemble, e.g. ``("a {}", "a picture of a {}")``)."""
         if isinstance(labels, str) or not labels or not all(isinstance(x, str) for x in labels):
             raise ValueError(f"labels must be a non-empty list of strings, got {labels!r}")
+        if twice := sorted({x for x in labels if list(labels).count(x) > 1}):
+            raise ValueError(f"labels: {', '.join(map(repr, twice))} given more than once (the probability would be split between copies)")
         templates = check_templates(templates)
         self._require("text", "image")
         if unseen := self.unseen_words([t.format(label) for t in templates for label in labels]):

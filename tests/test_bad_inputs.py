@@ -92,3 +92,10 @@ def test_commands_answer_bad_files_and_sizes_in_one_line(tmp_path, capsys):
     assert main(["generate", "x", "--num-images", "1000"]) == 2
     assert "--num-images must be in [1, 64]" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_label_given_twice_is_refused(tiny_model):
+    from multimodal import FoundationPipeline
+
+    with pytest.raises(ValueError, match="labels: 'red circle' given more than once"):
+        FoundationPipeline(tiny_model).classify(torch.rand(1, 3, 32, 32), ["red circle", "blue square", "red circle"])
