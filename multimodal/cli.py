@@ -14,6 +14,8 @@ from pathlib import Path
 from .cli_parser import TRAIN_COMMANDS, USAGE, parser as _parser  # standard library only: --help stays fast
 from .config import MAX_IMAGES
 
+MAX_SEED = 2**31 - 1  # the demo's range too
+
 
 
 def _model_dir(model: str | None) -> Path:
@@ -123,6 +125,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     if not 1 <= args.num_images <= MAX_IMAGES:
         raise ValueError(f"--num-images must be in [1, {MAX_IMAGES}], got {args.num_images}")
+    _check_seed(args.seed)
     target = Path(args.out)
     paths = [target] if args.num_images == 1 else [target.with_name(f"{target.stem}_{i}{target.suffix}") for i in range(args.num_images)]
     for path in paths:  # before sampling: nothing is computed for an output that cannot be written
@@ -143,9 +146,16 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_seed(seed: int) -> None:
+    """Seeds as the demo takes them: torch would wrap negative and huge ones, or overflow."""
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"--seed must be in [0, {MAX_SEED}], got {seed}")
+
+
 def _caption(args: argparse.Namespace) -> int:
     import torch
 
+    _check_seed(args.seed)
     from .files import check_files
 
     check_files(args.images, "images")

@@ -183,7 +183,8 @@ def _card(pipe: FoundationPipeline) -> str:
     if folder is None or not (folder / CARD_NAME).is_file():
         return ""
     try:
-        return read_regular(folder / CARD_NAME, 1 << 20).decode("utf-8", errors="replace")
+        text = read_regular(folder / CARD_NAME, 1 << 20).decode("utf-8", errors="replace")
+        return re.sub(r"\A---\n.*?\n---\n", "", text, flags=re.S)  # the hub's YAML header is for machines
     except (OSError, ValueError):
         return ""
 

@@ -173,3 +173,9 @@ def test_pipeline_errors_name_the_command_line_options(capsys, tmp_path):
     assert main(["generate", "a red circle", "--steps", "-1", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "--steps" in err and "num_inference_steps" not in err, err
+
+
+@pytest.mark.parametrize("seed", ["-1", "2147483648", "99999999999999999999"])
+def test_seeds_outside_the_demos_range_are_refused(capsys, tmp_path, seed):
+    assert main(["generate", "a red circle", "--seed", seed, "--out", str(tmp_path / "x.png")]) == 2
+    assert f"--seed must be in [0, 2147483647], got {seed}" in capsys.readouterr().err

@@ -70,6 +70,7 @@ def test_header_says_what_the_model_knows(page, tmp_path_factory):
     assert "model card" in summary.lower()
     page.locator("#model-card button").first.click()
     sync_api.expect(page.locator("#model-card").get_by_text("Metrics (held-out split)")).to_be_visible()
+    assert "library_name" not in page.locator("#model-card").inner_text()  # the card's YAML header is not shown
 
 
 def test_generate_examples_draw_what_they_say(page, tmp_path_factory):
