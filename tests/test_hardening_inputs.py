@@ -113,8 +113,8 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped_in_training_and_inference(t
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--guidance", "nan"], r"guidance_scale must be a number in \[0, 100\], got nan"),
-    (["--steps", "10000"], r"num_inference_steps must be an integer in \[1, 999\]"),
+    (["--guidance", "nan"], r"--guidance must be a number in \[0, 100\], got nan"),  # the pipeline's words, as options
+    (["--steps", "10000"], r"--steps must be an integer in \[1, 999\]"),
     (["--num-images", "65"], r"--num-images must be in \[1, 64\]"),
     (["--out", "{tmp}"], "is a folder; give a file name"),
     (["--out", "{tmp}/x.txt"], "must end in an image suffix"),
@@ -182,7 +182,7 @@ def test_commands_check_their_numbers_first(capsys, tmp_path):
     assert main(["classify", str(EXAMPLE), "--labels", "a, b", "--top", "-1"]) == 2
     assert "--top must be at least 1, got -1" in capsys.readouterr().err
     assert main(["caption", str(EXAMPLE), "--num-beams", "100000"]) == 2
-    assert "num_beams must be in [1, 16], got 100000" in capsys.readouterr().err
+    assert "--num-beams must be in [1, 16], got 100000" in capsys.readouterr().err
 
 
 @pytest.fixture

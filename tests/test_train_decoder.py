@@ -61,7 +61,7 @@ def test_decoder_stage_trains_decoder_only_and_exports(tmp_path, capsys):
 def test_generate_names_bad_arguments(tmp_path, capsys):
     FoundationModel(FoundationConfig.from_preset("tiny")).save_pretrained(tmp_path / "m")
     assert main(["generate", "x", "--model", str(tmp_path / "m"), "--steps", "0"]) == 2
-    assert "num_inference_steps must be an integer in [1, 999]" in capsys.readouterr().err
+    assert "--steps must be an integer in [1, 999]" in capsys.readouterr().err
 
 
 def test_joint_stage_trains_both_losses_through_one_text_pass(tmp_path):

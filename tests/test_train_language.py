@@ -50,4 +50,4 @@ def test_language_stage_trains_head_and_encoders_and_captions(tmp_path):
     assert len(lines) == 2 and all(line.startswith(str(image)) for line in lines)
     bad = subprocess.run([sys.executable, "-m", "multimodal.cli", "caption", str(image), "--model", str(model_dir),
                           "--num-beams", "0"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "num_beams must be in [1, 16], got 0" in bad.stderr
+    assert bad.returncode == 2 and "--num-beams must be in [1, 16], got 0" in bad.stderr
