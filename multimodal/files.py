@@ -74,4 +74,3 @@ def read_json(path: str | os.PathLike[str], limit: int = 1 << 24) -> object:
         raise
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: not a readable JSON file ({err})") from None
-

@@ -92,7 +92,6 @@ class FoundationModel(nn.Module):
         heads: tuple[str, ...] = ("contrastive",),
         denoise_batch: int | None = None,
         denoise_text_grad: bool = True,
-        caption_vocab: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """What the losses of ``heads`` need, from one pass of the shared text encoder.
 
@@ -103,8 +102,8 @@ class FoundationModel(nn.Module):
         ``denoise_weight`` [n] for the first ``denoise_batch`` samples (diffusion), conditioned
         with classifier-free-guidance dropout. A component whose parameters are all frozen runs
         without building a graph; ``denoise_text_grad=False`` keeps the denoising loss off the
-        text encoder. ``caption_vocab``: the sorted token ids [K] a compact vocabulary's softmax runs
-        over (``language.vocabulary: compact``; then ``caption_logits`` is [T, K] and the targets index it).
+        text encoder. With ``language.vocabulary: compact`` the caption logits are [T, K] over the
+        model's vocabulary ids and this batch's (``caption_logits``), the targets index them.
         """
         if isinstance(heads, str):
             heads = (heads,)
@@ -128,7 +127,7 @@ class FoundationModel(nn.Module):
             out["logit_scale"] = self.encoders.logit_scale.exp()
         if "caption" in heads:
             out["caption_logits"], out["caption_targets"] = self.caption_logits(
-                text_states, tokens[:, : text_states.shape[1]], image_states, caption_vocab)
+                text_states, tokens[:, : text_states.shape[1]], image_states)
         if "diffusion" in heads:
             n = min(images.shape[0], denoise_batch or images.shape[0])
             states, pooled = text_states[:n], text_pooled[:n]
@@ -140,23 +139,24 @@ class FoundationModel(nn.Module):
         return out
 
     def caption_logits(self, text_states: torch.Tensor, tokens: torch.Tensor, image_states: torch.Tensor,
-                       vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       caption_vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token logits [T, V] and targets [T] at the captions' real tokens (no padding); a
         ``text_only_prob`` share of captions is read without its image. A compact vocabulary: logits
-        [T, K] over ``vocab`` (default: the batch's and the model's ids), targets index it."""
+        [T, K] over ``caption_vocab`` (default: the batch's and the model's ids), targets index it."""
         # text_states [B, L, W], tokens [B, L], image_states [B, M, Wi]
         self.require("language")
         target, real = tokens[:, 1:], tokens[:, 1:] != 0  # [B, L-1]: token i+1 is predicted at position i; padding
         weight = self.encoders.text.token_embedding.weight  # [V, W], tied
         if self.config.language.vocabulary == "compact":
-            if vocab is None:
-                vocab = torch.cat([tokens.flatten(), self._vocabulary_ids(tokens.device, default=tokens[:0, 0])]).unique()
-            ok = (isinstance(vocab, torch.Tensor) and vocab.dim() == 1 and not vocab.is_floating_point() and len(vocab) > 0
-                  and 0 <= int(vocab[0]) and int(vocab[-1]) < weight.shape[0] and bool((vocab[1:] > vocab[:-1]).all()))
-            position = torch.searchsorted(vocab, target.contiguous()).clamp(max=len(vocab) - 1) if ok else None
-            if not ok or not torch.equal(vocab[position[real]], target[real]):
+            ids = caption_vocab
+            if ids is None:
+                ids = torch.cat([tokens.flatten(), self._vocabulary_ids(tokens.device, default=tokens[:0, 0])]).unique()
+            ok = (isinstance(ids, torch.Tensor) and ids.dim() == 1 and not ids.is_floating_point() and len(ids) > 0
+                  and 0 <= int(ids[0]) and int(ids[-1]) < weight.shape[0] and bool((ids[1:] > ids[:-1]).all()))
+            position = torch.searchsorted(ids, target.contiguous()).clamp(max=len(ids) - 1) if ok else None
+            if not ok or not torch.equal(ids[position[real]], target[real]):
                 raise ValueError(f"caption_vocab must be sorted unique token ids in [0, {weight.shape[0]}) holding every caption token")
-            weight, target = weight[vocab], position  # [K, W], [B, L-1]
+            weight, target = weight[ids], position  # [K, W], [B, L-1]
         with_image = torch.rand(tokens.shape[0], device=tokens.device) >= self.config.language.text_only_prob
         logits, targets = [], []
         for rows, context in ((with_image, image_states), (~with_image, None)):

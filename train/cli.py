@@ -73,7 +73,7 @@ class LineProgress(ProgressBar):
         if not self._enabled or not trainer.is_global_zero or (now - self._last < self.every_s and step != total):
             return
         self._last = now
-        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+        metrics = _no_version(self.get_metrics(trainer, pl_module))
         shown = "".join(f", {k} {v:.4g}" if isinstance(v, float) else f", {k} {v}" for k, v in metrics.items())
         rate = (now - self._start) / max(step, 1)
         left = f", about {rate * (total - step) / 60:.0f} min left" if total and total > step else ""

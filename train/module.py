@@ -26,10 +26,10 @@ from multimodal.model import FoundationModel
 
 from .data import DROPPED, FIXED, SKIPPED
 from .data_checks import MAX_EMPTY_BATCHES, nothing_usable, report_line
-from .init import OPEN_CLIP_PREFIX, add_training_adapter, init_source, load_matching_weights, with_encoder_fields
-from .optim import adamw_cosine
 from .evaluation import ValidationData
 from .features import ValidationFeatures
+from .init import OPEN_CLIP_PREFIX, add_training_adapter, init_source, load_matching_weights, with_encoder_fields
+from .optim import adamw_cosine
 from .record import base_knowledge, components_trained, extend_record, rng_states, set_rng_states
 
 class FoundationModule(ValidationFeatures, L.LightningModule):
@@ -223,7 +223,9 @@ class FoundationModule(ValidationFeatures, L.LightningModule):
             merged = self.seen_tokens.to(self.device)
             torch.distributed.all_reduce(merged, op=torch.distributed.ReduceOp.MAX)
             self.seen_tokens = merged.cpu()
-        if getattr(self.model.config.language, "vocabulary", None) == "compact":  # its softmax: the ids seen so far
+        vocabulary = self.model.vocabulary
+        compact = getattr(self.model.config.language, "vocabulary", None) == "compact"  # its softmax: the ids seen so far
+        if compact and (vocabulary is None or len(vocabulary) != int(self.seen_tokens.sum())):  # only when new ids came
             self.model.vocabulary = frozenset(self.seen_tokens.nonzero().flatten().tolist())
 
     def _even_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
