@@ -5,6 +5,7 @@ import signal
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 
 from multimodal import FoundationModel, FoundationPipeline
 from multimodal.cli import main
+from train.module import FoundationModule
 
 from conftest import ALIGN, JOINT, scaled_config
 
@@ -31,10 +33,13 @@ def test_fit_writes_run_folder_report_and_model(tmp_path, capsys):
     run = tmp_path / "runs" / "align" / "version_0"
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["preset"] == "tiny" and saved["trainer"]["max_steps"] == 4
+    assert saved["trainer"]["precision"] in ("32-true", "bf16-mixed")  # chosen by the model's step (or the matmul), recorded
     assert (run / "metrics.csv").read_text().count("val/zero_shot_acc") == 1
     assert (tmp_path / "runs/align/checkpoints/last.ckpt").is_file()
     out = capsys.readouterr().out
     assert "zero_shot_acc" in out and "t2i_R@1" in out and "val_predictions.png" in out
+    from train.precision import cpu_bf16_could_pay
+    assert ("precision: " in out) == cpu_bf16_could_pay()  # timed only where bf16 could pay
     assert (run / "val_predictions.png").stat().st_size > 1000
     pipe = FoundationPipeline.from_pretrained(run / "model")
     probs = pipe.classify(torch.rand(2, 3, 32, 32), ["red circle", "blue square"])
@@ -206,6 +211,46 @@ def test_cpu_precision_is_decided_by_the_best_try_not_a_slowed_one(monkeypatch):
 
     times = {torch.bfloat16: iter([0.9, 0.3, 0.3, 0.3, 0.3]), torch.float32: iter([1.0, 1.0, 1.0, 1.0, 1.0])}
     monkeypatch.setattr(precision, "_time_matmul", lambda dtype: next(times[dtype]))
-    assert precision.cpu_bf16_is_faster.__wrapped__() is True  # the first try alone (0.9 vs 1.0) would say no
+    assert precision.bf16_matmul_ratio.__wrapped__() == pytest.approx(0.3)  # the first try alone (0.9 vs 1.0) would say 0.9
     times = {torch.bfloat16: iter([0.8] * 5), torch.float32: iter([1.0] * 5)}
-    assert precision.cpu_bf16_is_faster.__wrapped__() is False  # 0.8 is not a clear margin
+    assert precision.bf16_matmul_ratio.__wrapped__() == pytest.approx(0.8)  # 0.8 is not a clear margin
+    monkeypatch.setattr(precision, "bf16_matmul_ratio", lambda: 0.8)
+    assert not precision.cpu_bf16_is_faster() and precision.cpu_bf16_could_pay()
+
+
+@pytest.mark.parametrize("slow_under_autocast", [True, False])
+def test_step_precision_is_the_faster_of_the_timed_steps(slow_under_autocast):
+    """The model's own step decides, not a matmul: a step slower under bf16 autocast keeps fp32;
+    the random streams are left as they were (the run trains as if nothing had been timed)."""
+    from train.precision import faster_step_precision
+
+    def step():
+        torch.randn(3)  # draws from the global stream, as a denoising step does
+        autocast = torch.is_autocast_enabled("cpu")
+        time.sleep(0.02 if autocast == slow_under_autocast else 0.005)
+
+    torch.manual_seed(0)
+    expected = torch.rand(1)
+    torch.manual_seed(0)
+    choice, seconds = faster_step_precision(step)
+    assert torch.rand(1) == expected
+    assert choice == ("32-true" if slow_under_autocast else "bf16-mixed")
+    assert seconds["32-true"] != seconds["bf16-mixed"]
+
+
+def test_probe_step_runs_forward_and_backward_without_leaving_a_trace():
+    """What is timed is the stage's forward and backward at the model's sizes; no gradients,
+    seen tokens or sample counts stay behind."""
+    module = FoundationModule(preset="tiny", stage="joint")
+    params = [p for p in module.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    seen = module.seen_tokens.clone()
+    calls, grads = [], []
+    module.model.register_forward_hook(lambda mod, args, out: calls.append(sorted(out)))
+    for p in (params[0], params[-1]):
+        p.register_hook(lambda g: grads.append(g.shape))
+    module.probe_step(batch_size=1000)()
+    assert calls and {"caption_logits", "denoise_pred", "image_features"} <= set(calls[0])
+    assert len(grads) == 2  # the backward ran, to the first and the last trained parameter
+    assert all(p.grad is None for p in params) and all(torch.equal(a, b) for a, b in zip(before, params))
+    assert torch.equal(module.seen_tokens, seen) and module.samples_seen == 0

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import time
 import warnings
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
@@ -18,7 +21,7 @@ from .data import FoundationDataModule
 from .data_checks import check_trainable
 from .evaluation import default_evaluators, evaluators_of
 from .module import FoundationModule
-from .precision import default_precision
+from .precision import cpu_bf16_could_pay, cpu_bf16_is_faster, default_precision, faster_step_precision
 
 
 # Messages a user cannot act on (library internals, advertising); warnings of this project and real
@@ -80,14 +83,22 @@ class LineProgress(ProgressBar):
         print(f"step {step}" + (f"/{total}" if total and total > 0 else "") + f"{shown}, {rate:.2f} s/step{left}", flush=True)
 
 
+_CHOSEN: dict[str, tuple[str, dict[str, float]]] = {}  # per model (config, losses, batch) in this process: choice, seconds
+
+
 class FoundationCLI(LightningCLI):
     """LightningCLI with this project's module and data module; the run's resolved config is
     saved as ``config.yaml`` in the run folder (the logger's versioned directory). A config that
     names no evaluator gets the default ones (retrieval, zero-shot)."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        # bf16-mixed by default only where it is faster; a config or --trainer.precision wins.
-        parser.set_defaults({"trainer.precision": default_precision()})
+        # None: chosen when the model is built (``choose_precision``); a config or --trainer.precision wins.
+        parser.set_defaults({"trainer.precision": None})
+        for action in parser._actions:
+            if action.dest == "trainer.precision":
+                action.help = ("32-true (fp32), bf16-mixed, 16-mixed, bf16-true, ... (Lightning's precisions). Default (null): "
+                               "bf16-mixed on a CUDA GPU with bf16; for fit on the CPU, whichever of 32-true and bf16-mixed "
+                               "runs this model's training step faster here (a few steps timed before training; printed)")
 
     def before_fit(self) -> None:
         """Refuse data that cannot train before the first step, while nothing is written yet."""
@@ -130,7 +141,32 @@ class FoundationCLI(LightningCLI):
             raise FileNotFoundError("--ckpt_path last: there is no last checkpoint to resume from (none in the run's "
                                     "checkpoint folder): leave --ckpt_path out to start a new run")
 
+    def choose_precision(self, trainer_config: dict) -> str:
+        """The default precision: on one CUDA device bf16-mixed where supported; for ``fit`` on the
+        CPU, whichever of fp32 and bf16-mixed runs this model's training step faster (a few steps
+        timed, seconds); otherwise by a matmul (``train.precision``)."""
+        accelerator = str(trainer_config.get("accelerator") or "auto")
+        on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+        one_process = trainer_config.get("devices") in (1, "1", "auto", None) and trainer_config.get("num_nodes", 1) == 1
+        if not on_cpu:
+            return default_precision()
+        if not (one_process and self.subcommand == "fit" and cpu_bf16_could_pay()):
+            return "bf16-mixed" if cpu_bf16_is_faster() else "32-true"  # every process of a multi-process run decides alike
+        batch_size = getattr(self.datamodule, "batch_size", 32)
+        key = json.dumps([asdict(self.model.model.config), self.model.loss.heads, batch_size, self.model.hparams.diffusion_batch_size],
+                         sort_keys=True, default=str)
+        if key not in _CHOSEN:  # once per model and process: two fits of one model (a resume in a test) train alike
+            _CHOSEN[key] = faster_step_precision(self.model.probe_step(batch_size))
+        choice, seconds = _CHOSEN[key]
+        print(f"precision: {choice} (this model's training step took {seconds['bf16-mixed']:.3g} s in bf16-mixed and "
+              f"{seconds['32-true']:.3g} s in fp32 here; --trainer.precision chooses)", flush=True)
+        return choice
+
     def instantiate_trainer(self, **kwargs):
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if trainer_config.get("precision") is None and kwargs.get("precision") is None:
+            kwargs["precision"] = self.choose_precision(trainer_config)
+            self.config[self.subcommand]["trainer"]["precision"] = kwargs["precision"]  # the run's config.yaml says it
         trainer = super().instantiate_trainer(**kwargs)
         for i, callback in enumerate(trainer.callbacks):  # Lightning's default bars, without the noise; lines off a terminal
             if type(callback) in (RichProgressBar, TQDMProgressBar):

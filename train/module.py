@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -215,6 +216,27 @@ class FoundationModule(ValidationFeatures, L.LightningModule):
             self.log("train/logit_scale", out["logit_scale"], batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         return loss
+
+    def probe_step(self, batch_size: int) -> Callable[[], None]:
+        """One training step's forward and backward on a random batch of the model's sizes (at
+        most 64 samples), with no optimizer step, no seen-token or data counts and the gradients
+        cleared after: what ``train.precision.faster_step_precision`` times to choose the
+        precision before training starts."""
+        size, n = self.model.config.image.image_size, max(1, min(int(batch_size), 64))
+        device = self.model.pixel_mean.device
+        images = torch.rand(n, 3, size, size, device=device)  # [n, 3, S, S] in [0, 1]
+        tokens = self.model.tokenize(["a small red circle at the top left of a plain white picture"] * n)  # [n, L]
+
+        def step() -> None:
+            out = self.model({"image": images, "caption": tokens}, heads=self.loss.heads,
+                             denoise_batch=self.hparams.diffusion_batch_size, denoise_text_grad=self.hparams.diffusion_text_grad)
+            loss = self.loss(out)["loss"]
+            if loss.requires_grad:
+                loss.backward()
+            for param in self.parameters():
+                param.grad = None
+
+        return step
 
     def _mark_seen(self, tokens: torch.Tensor) -> None:
         """Add the batch's caption tokens to the run's vocabulary (every rank's, under DDP)."""
