@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import nn
 
+from .latent_cache import LatentCache
 from .processor import CoreAttnProcessor
 
 if TYPE_CHECKING:  # the config module imports nothing of ours: no cycle
@@ -128,6 +129,7 @@ class Decoder(nn.Module):
                              else "a VAE was given but decoder.vae is not set")
         self.config = config
         self._vae = [vae.eval().requires_grad_(False)] if vae is not None else []
+        self.latent_cache: LatentCache | None = None  # set for training (train.module: model.latent_cache_gb)
         channels, size = latent_shape(config, vae)
         self.sample_shape = (channels, size, size)  # what the denoiser sees and sampling starts from
         if config.backbone == "mmdit":
@@ -174,11 +176,24 @@ class Decoder(nn.Module):
         on = self.config.text_embed_conditioning
         if self.config.backbone == "mmdit":
             pooled = self.class_labels(cond.embeds) if on else cond.embeds.new_zeros(cond.embeds.shape[0], 1)  # [B, E | 1]
-            return self.transformer(hidden_states=sample, encoder_hidden_states=cond.states, pooled_projections=pooled.to(cond.states.dtype),
-                                    timestep=timesteps).sample
-        sample = sample.contiguous(memory_format=self.memory_format)
-        labels = self.class_labels(cond.embeds).to(cond.states.dtype) if on else None
-        return self.unet(sample, timesteps, encoder_hidden_states=cond.states, class_labels=labels).sample
+            out = self.transformer(hidden_states=sample, encoder_hidden_states=cond.states, pooled_projections=pooled.to(cond.states.dtype),
+                                   timestep=timesteps).sample
+        else:
+            labels = self.class_labels(cond.embeds).to(cond.states.dtype) if on else None
+            out = self.unet(sample.contiguous(memory_format=self.memory_format), timesteps, encoder_hidden_states=cond.states,
+                            class_labels=labels).sample
+        if self.config.objective == "flow" and self.config.flow_target == "sample":
+            out = self.velocity_from_sample(sample, timesteps, out)
+        return out
+
+    def velocity_from_sample(self, noisy: torch.Tensor, timesteps: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        """A clean-sample prediction x' [B, C, S, S] at noise level s = timesteps / T as the velocity
+        (x_s - x') / s that the flow loss and solvers use (x_s = (1 - s) x + s e: e - x = (x_s - x) / s).
+        s is held at least ``flow_min_sigma`` (as JiT): near s = 0 the division would blow up the clean
+        prediction's errors."""
+        s = (timesteps.float() / self.config.num_train_timesteps).clamp(min=self.config.flow_min_sigma)
+        s = s.view(-1, *([1] * (noisy.ndim - 1)))  # [B, 1, 1, 1]
+        return (noisy.float() - clean.float()) / s  # fp32: the division amplifies a bf16 output's rounding
 
     # ---- the latent space ---------------------------------------------------------------------
     def _ready_vae(self, x: torch.Tensor) -> nn.Module:
@@ -199,9 +214,19 @@ class Decoder(nn.Module):
         if self.vae is None:
             return images
         vae = self._ready_vae(images)
-        with torch.autocast(images.device.type, enabled=False):
-            out = vae.encode(images.to(next(vae.parameters()).dtype))
-        latents = out.latent_dist.sample() if hasattr(out, "latent_dist") else out.latent
+
+        def encode(x: torch.Tensor) -> torch.Tensor:  # [n, 2C', S, S] mean and log-variance (KL), or [n, C', S, S] (DC)
+            with torch.autocast(x.device.type, enabled=False):
+                out = vae.encode(x.to(next(vae.parameters()).dtype))
+            return out.latent_dist.parameters if hasattr(out, "latent_dist") else out.latent
+
+        encoded = encode(images) if self.latent_cache is None else self.latent_cache.lookup(images, encode)
+        if encoded.shape[1] == 2 * self.sample_shape[0]:  # a KL VAE's distribution: draw as latent_dist.sample() does
+            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+            latents = DiagonalGaussianDistribution(encoded).sample()
+        else:
+            latents = encoded
         return ((latents.float() - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor).to(images.dtype)
 
     @torch.no_grad()

@@ -55,6 +55,9 @@ def model_card(
                   else ("`pooled_projections` = zeros [B, 1]" if dec.backbone == "mmdit" else "no `class_labels`"))
         space = (", on the VAE in `vae/`'s latents z scaled as (z - shift_factor) x scaling_factor" if dec.vae else ", in pixel space [-1, 1]")
         kind = "rectified flow (target noise - image)" if dec.objective == "flow" else f"DDPM ({dec.prediction_type})"
+        if dec.objective == "flow" and dec.flow_target == "sample":  # what a diffusers user must undo
+            kind += (f"; it outputs the clean image x', a solver's velocity is (x_t - x') / max(t / {dec.num_train_timesteps}, "
+                     f"{dec.flow_min_sigma:g}) at timestep t")
         not_trained += (f"\n\nThe image decoder is a diffusers `{cls}` in `decoder/`, trained with {kind}{space}; its sampling "
                         f"scheduler is in `scheduler/`. It is conditioned on the text encoder's token states and {pooled}.")
     if metrics:

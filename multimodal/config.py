@@ -42,15 +42,13 @@ def _choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
 
 # Upper bounds on sizes: far above any real model, low enough that a typo (or a hostile
 # config.json) is an error, not an attempt to allocate hundreds of gigabytes.
-MAX_WIDTH, MAX_LAYERS, MAX_CONTEXT, MAX_VOCAB, MAX_IMAGE = 16384, 256, 4096, 1_000_000, 4096
-MAX_BEAMS = 16
+MAX_WIDTH, MAX_LAYERS, MAX_CONTEXT, MAX_VOCAB, MAX_IMAGE, MAX_BEAMS = 16384, 256, 4096, 1_000_000, 4096, 16
 MAX_IMAGES = 64  # generated per prompt, and per command (each image costs memory at every sampling step)
 MAX_BATCH = 256  # generated in one call: more go in several calls
 
 
 def _sizes(prefix: str, **values: tuple[float, float, float]) -> None:
-    """Each ``name=(value, low, high)`` must lie in [low, high] (NaN never does); the error
-    names the field."""
+    """Each ``name=(value, low, high)`` must lie in [low, high] (NaN never does); errors name the field."""
     for name, (value, low, high) in values.items():
         _check(low <= value <= high, f"{prefix + '.' if prefix else ''}{name} must be in [{low:g}, {high:g}], got {value}")
 
@@ -106,11 +104,10 @@ class ImageEncoderConfig:
 
 @dataclass
 class DecoderConfig:
-    """The image decoder: a diffusers denoiser (``backbone``: ``unet`` = ``UNet2DConditionModel``
-    cross-attending to the shared text encoder's token states, ``mmdit`` = SD3's
-    ``SD3Transformer2DModel`` attending jointly over image patches and those states), trained with
-    ``objective`` ``ddpm`` (noise / v) or ``flow`` (rectified flow, as SD3), in pixel space or in
-    the latent space of a frozen diffusers VAE (``vae``: a local folder)."""
+    """The image decoder: a diffusers denoiser (``backbone``: ``unet`` = ``UNet2DConditionModel`` cross-attending to
+    the shared text encoder's token states, ``mmdit`` = SD3's ``SD3Transformer2DModel`` attending jointly over image
+    patches and those states), trained with ``objective`` ``ddpm`` (noise / v) or ``flow`` (rectified flow, as SD3),
+    in pixel space or in the latent space of a frozen diffusers VAE (``vae``: a local folder)."""
 
     image_size: int = 32  # of the generated images, in pixels
     channels: int = 3
@@ -126,8 +123,8 @@ class DecoderConfig:
     width: int = 256  # mmdit: channels of the image and text streams (heads = width / attention_head_dim)
     num_layers: int = 4  # mmdit: joint blocks
     patch_size: int = 2  # mmdit: pixels (or latents) per patch side
-    # Also condition on the text's unit embedding, added to the timestep embedding (unet: class_embed_type
-    # "projection", as unCLIP; mmdit: pooled_projections): a global signal; small decoders learn much faster.
+    # Also the text's unit embedding, added to the timestep embedding (unet: class_embed_type "projection", as unCLIP;
+    # mmdit: pooled_projections): a global signal; small decoders learn much faster.
     text_embed_conditioning: bool = True
     channels_last: bool = False  # NHWC: often faster on GPUs; ~8% slower per CPU training step
     num_train_timesteps: int = 1000
@@ -137,6 +134,8 @@ class DecoderConfig:
     min_snr_gamma: float | None = None  # ddpm: min-SNR-gamma loss weighting (e.g. 5.0); None = off
     # flow: noise levels drawn by diffusers' compute_density_for_timestep_sampling and weighted by
     # compute_loss_weighting_for_sd3 (``weighting_scheme``), shifted by ``flow_shift`` (SD3: 3.0)
+    flow_target: str = "velocity"  # or "sample": the denoiser outputs the clean x', used as velocity (x_s - x') / max(s, flow_min_sigma) (JiT)
+    flow_min_sigma: float = 0.05
     weighting_scheme: str = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -147,7 +146,8 @@ class DecoderConfig:
 
     def __post_init__(self) -> None:
         for name, value, choices in (("backbone", self.backbone, ("unet", "mmdit")), ("objective", self.objective, ("ddpm", "flow")),
-                                     ("weighting_scheme", self.weighting_scheme, WEIGHTING_SCHEMES), ("prediction_type", self.prediction_type, ("epsilon", "v_prediction"))):
+                                     ("weighting_scheme", self.weighting_scheme, WEIGHTING_SCHEMES), ("prediction_type", self.prediction_type, ("epsilon", "v_prediction")),
+                                     ("flow_target", self.flow_target, ("velocity", "sample"))):
             _choice(value, f"decoder.{name}", choices)
         n = len(self.block_out_channels)
         _check(all(1 <= c <= MAX_WIDTH for c in self.block_out_channels) and 1 <= self.layers_per_block <= MAX_LAYERS
@@ -156,7 +156,7 @@ class DecoderConfig:
                "attention_head_dim and norm_num_groups >= 1, num_train_timesteps in [2, 100000]")
         _sizes("decoder", width=(self.width, 1, MAX_WIDTH), num_layers=(self.num_layers, 1, MAX_LAYERS), patch_size=(self.patch_size, 1, 64),
                logit_std=(self.logit_std, 1e-3, 100), logit_mean=(self.logit_mean, -100, 100), flow_shift=(self.flow_shift, 1e-3, 1000),
-               mode_scale=(self.mode_scale, 0, 1.75), image_size=(self.image_size, 1, MAX_IMAGE), channels=(self.channels, 1, 4))
+               mode_scale=(self.mode_scale, 0, 1.75), flow_min_sigma=(self.flow_min_sigma, 1e-4, 1), image_size=(self.image_size, 1, MAX_IMAGE), channels=(self.channels, 1, 4))
         _check(self.vae is not None or 1 <= self.image_size <= 64, f"decoder.image_size must be in [1, 64] in pixel space "
                f"(above: set decoder.vae to a latent space), got {self.image_size}")
         if self.backbone == "unet":
@@ -170,8 +170,8 @@ class DecoderConfig:
             _check(self.width % self.attention_head_dim == 0, f"decoder.width must be a multiple of attention_head_dim, got {self.width}")
             _check(self.vae is not None or self.image_size % self.patch_size == 0,
                    f"decoder.image_size must be a multiple of decoder.patch_size ({self.patch_size}), got {self.image_size}")
-        _check(0.0 <= self.ema_decay < 1.0, f"decoder.ema_decay must be in [0, 1), got {self.ema_decay}")
-        _check(0.0 <= self.cfg_dropout < 1.0, f"decoder.cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
+        for name, value in (("ema_decay", self.ema_decay), ("cfg_dropout", self.cfg_dropout)):
+            _check(0.0 <= value < 1.0, f"decoder.{name} must be in [0, 1), got {value}")
         _check(self.min_snr_gamma is None or self.min_snr_gamma > 0, f"decoder.min_snr_gamma must be > 0 or null, got {self.min_snr_gamma}")
 
 

@@ -28,12 +28,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # shapes encoders with SD3's recipe for the decoder: an MMDiT over 8x8 patches of 4x4 pixels
     # and the 16 text tokens, trained by rectified flow, sampled with flow-matching Euler (patches
     # of 4 cost ~1/3.6 of patches of 2 per step: in a fixed CPU budget that buys 3.6x the samples,
-    # which measured better than the finer patches on every fidelity figure)
+    # which measured better than the finer patches on every fidelity figure). It predicts the clean
+    # image (JiT), not the velocity: color+shape 98% / 95% against 86% / 91% in the same run budget.
     "shapes_mmdit": {
         "embed_dim": 128,
         "text": {"context_length": 16, "width": 128, "layers": 2, "heads": 4},
         "image": {"image_size": 32, "patch_size": 8, "width": 128, "layers": 3, "heads": 4, "mean": _HALF, "std": _HALF},
-        "decoder": {"backbone": "mmdit", "objective": "flow", "width": 128, "num_layers": 5, "patch_size": 4, "attention_head_dim": 32},
+        "decoder": {"backbone": "mmdit", "objective": "flow", "flow_target": "sample", "width": 128, "num_layers": 5, "patch_size": 4,
+                    "attention_head_dim": 32},
         "language": {"layers": 2, "heads": 4, "vocabulary": "compact"},
         "sampling": {"scheduler": "euler"},
     },

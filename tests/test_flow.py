@@ -153,6 +153,35 @@ def test_flow_samplers_follow_the_training_convention(scheduler, shift):
     assert (x - clean).abs().max() < 2e-2  # dpm++ / unipc round timesteps to integers (diffusers' own)
 
 
+@pytest.mark.parametrize("scheduler", ["euler", "dpm++", "unipc"])
+def test_a_clean_sample_prediction_is_the_velocity_the_loss_and_solvers_use(scheduler):
+    """flow_target sample: the MMDiT's output x' enters as (x_s - x') / max(s, flow_min_sigma), by
+    hand; an oracle that outputs the clean image exactly is a perfect velocity model (every flow
+    solver lands on it), and the flow loss is the velocity loss of that conversion."""
+    model = _model({"flow_target": "sample", "flow_min_sigma": 0.05})
+    sample, t, cond = _inputs(model)
+    t = torch.tensor([10.0, 700.0])  # s = 0.01 (held at 0.05) and 0.7
+    raw = _sd3_call(model.decoder.transformer, sample, t, cond)
+    by_hand = (sample - raw) / torch.tensor([0.05, 0.7]).view(-1, 1, 1, 1)
+    torch.testing.assert_close(model.decoder(sample, t, cond), by_hand)
+
+    clean = torch.rand(2, 3, 8, 8) * 2 - 1
+    cfg = DecoderConfig(objective="flow", flow_target="sample")
+    sched = sampling_scheduler(scheduler, cfg)
+    sched.set_timesteps(12)
+    x = torch.randn(2, 3, 8, 8)
+    for step_t in sched.timesteps:
+        x = sched.step(model.decoder.velocity_from_sample(x, step_t.expand(2), clean), step_t, x).prev_sample
+    assert (x - clean).abs().max() < 2e-2
+
+    task = FlowObjective(cfg).draw(clean, torch.Generator().manual_seed(3))
+    assert (task.timesteps >= 50).all()  # s >= flow_min_sigma: the division is exact
+    pred = model.decoder.velocity_from_sample(task.noisy, task.timesteps, clean)  # the oracle: zero loss
+    assert denoising_loss({"denoise_pred": pred, "denoise_target": task.target, "denoise_weight": task.weight}) < 1e-10
+    wrong = model.decoder.velocity_from_sample(task.noisy, task.timesteps, clean + 0.1)
+    assert denoising_loss({"denoise_pred": wrong, "denoise_target": task.target, "denoise_weight": task.weight}) > 1e-3
+
+
 @pytest.mark.parametrize("decoder", [{"objective": "ddpm"}, {"text_embed_conditioning": False}])
 def test_mmdit_with_ddpm_or_without_the_pooled_embedding_trains_and_samples(decoder):
     model = _model(decoder, sampling={"scheduler": "dpm++", "steps": 2})
@@ -174,10 +203,10 @@ def test_flow_models_name_the_schedulers_they_take():
         DecoderConfig(image_size=256)
 
 
-@pytest.mark.parametrize("backbone", ["unet", "mmdit"])
-def test_flow_objective_trains_either_backbone(backbone):
+@pytest.mark.parametrize("backbone,target", [("unet", "velocity"), ("mmdit", "velocity"), ("mmdit", "sample")])
+def test_flow_objective_trains_either_backbone(backbone, target):
     torch.manual_seed(0)
-    model = _model({"backbone": backbone}).train()
+    model = _model({"backbone": backbone, "flow_target": target}).train()
     params = [p for p in model.decoder.parameters()]
     opt = torch.optim.AdamW(params, lr=3e-3)
     batch = {"image": torch.rand(8, 3, 32, 32), "caption": ["a red circle"] * 8}
@@ -239,6 +268,49 @@ def test_a_latent_decoder_trains_two_steps_and_generates_through_its_vae(tmp_pat
     again_image = FoundationPipeline(again, allow_untrained=True)(["a red circle"], num_inference_steps=2, show_progress=False,
                                                                  generator=torch.Generator().manual_seed(0), output_type="pt").images
     torch.testing.assert_close(again_image, image, atol=1e-5, rtol=0)
+
+
+def test_the_latent_cache_encodes_each_image_once_and_draws_as_the_encoder_does(tmp_path):
+    """Cached, an image seen again skips the encoder; its latent is drawn from the stored
+    distribution exactly as from the encoder (same random stream: same latents); the cache
+    stops growing at its size; copies of the model do not copy it; pixel models refuse it."""
+    import copy
+
+    from diffusion.latent_cache import LatentCache
+    from train.module import FoundationModule
+
+    _tiny_vae(tmp_path / "vae")
+    model = _model({"vae": str(tmp_path / "vae"), "patch_size": 2})
+    calls = []
+    model.decoder.vae.encoder.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    torch.manual_seed(5)
+    plain = model.decoder.to_latents(x)
+    model.decoder.latent_cache = LatentCache(max_bytes=2**20)
+    for batch in (x, torch.cat([x, torch.rand(2, 3, 32, 32) * 2 - 1])):  # then the same four with two new ones
+        torch.manual_seed(5)
+        torch.testing.assert_close(model.decoder.to_latents(batch)[:4], plain, rtol=0, atol=0)
+    assert sum(calls) == 4 + 4 + 2  # without the cache, the cache's first sight of the four, then the two new ones
+    assert (model.decoder.latent_cache.hits, model.decoder.latent_cache.misses) == (4, 6)
+    torch.manual_seed(6)
+    assert not torch.equal(model.decoder.to_latents(x), plain)  # a fresh draw from the stored distribution
+    assert sum(calls) == 10 and model.decoder.latent_cache.hits == 8  # ... without the encoder
+
+    one = 2 * 4 * 16 * 16 * 4  # bytes of one image's mean and log-variance
+    small = LatentCache(max_bytes=int(2.5 * one))
+    model.decoder.latent_cache = small
+    model.decoder.to_latents(x)
+    assert len(small) == 2 and small.used == 2 * one  # full: the rest are encoded every time
+    assert len(copy.deepcopy(model).decoder.latent_cache) == 0
+    with pytest.raises(ValueError, match="positive"):
+        LatentCache(0)
+    with pytest.raises(ValueError, match="model.latent_cache_gb caches a VAE's latents"):
+        FoundationModule(preset="tiny", stage="decoder", latent_cache_gb=1.0)
+    with pytest.raises(ValueError, match="model.latent_cache_gb must be in \\[0, 4096\\]"):
+        FoundationModule(preset="tiny", stage="decoder", latent_cache_gb=-1)
+    module = FoundationModule(preset="tiny", stage="decoder", latent_cache_gb=0.5,
+                              overrides={"decoder": {"vae": str(tmp_path / "vae"), "patch_size": 2, **MMDIT}})
+    assert module.model.decoder.latent_cache.max_bytes == 2**29
 
 
 def test_bad_vae_folders_are_one_line_errors(tmp_path):
