@@ -17,9 +17,9 @@ import torch
 
 
 class LatentCache:
-    """At most ``max_bytes`` of encoder outputs in host memory; when full, new images are
-    encoded every time (nothing is evicted: a data set that fits is encoded once).
-    ``hits`` / ``misses`` count images."""
+    """At most ``max_bytes`` of encoder outputs in host memory (per process: under DDP each rank
+    keeps its own); when full, new images are encoded every time (nothing is evicted: a data set
+    that fits is encoded once). ``hits`` / ``misses`` count images."""
 
     def __init__(self, max_bytes: int):
         if max_bytes <= 0:
@@ -38,21 +38,29 @@ class LatentCache:
         """One key per image of ``images`` [B, C, H, W] in [-1, 1]: its pixels in 8 bits (as they
         were decoded), hashed on the host."""
         pixels = ((images.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
-        return [hashlib.blake2b(p.tobytes(), digest_size=16).digest() for p in pixels]
+        shape = repr(pixels.shape[1:]).encode()  # the same bytes at another size are another image
+        return [hashlib.blake2b(shape + p.tobytes(), digest_size=16).digest() for p in pixels]
 
     def lookup(self, images: torch.Tensor, encode) -> torch.Tensor:
         """``encode(images[missing])`` -> [m, ...] for the images not stored yet; returns the
-        stored and the new outputs for every image [B, ...], on ``images``' device."""
+        stored and the new outputs for every image [B, ...], on ``images``' device (one copy
+        each way between host and device per call)."""
         keys = self.keys(images)
-        found = [self.store.get(k) for k in keys]
-        missing = [i for i, f in enumerate(found) if f is None]
-        self.hits, self.misses = self.hits + len(keys) - len(missing), self.misses + len(missing)
-        if missing:
-            fresh = encode(images[missing])
-            for row, i in zip(fresh, missing):
-                found[i] = row
+        missing = [i for i, k in enumerate(keys) if k not in self.store]
+        stored = [i for i, k in enumerate(keys) if k in self.store]
+        self.hits, self.misses = self.hits + len(stored), self.misses + len(missing)
+        fresh = encode(images[missing]) if missing else None
+        out = None
+        if stored:
+            rows = torch.stack([self.store[keys[i]] for i in stored]).to(images.device, non_blocking=True)
+            out = rows.new_empty(len(keys), *rows.shape[1:])
+            out[stored] = rows
+        if fresh is not None:
+            out = fresh.new_empty(len(keys), *fresh.shape[1:]) if out is None else out
+            out[missing] = fresh.to(out.dtype)
+            for row, i in zip(fresh.detach().to("cpu"), missing):
                 size = row.numel() * row.element_size()
                 if keys[i] not in self.store and self.used + size <= self.max_bytes:
-                    self.store[keys[i]] = row.detach().to("cpu", copy=True)
+                    self.store[keys[i]] = row.clone()  # its own memory, not a view of the batch
                     self.used += size
-        return torch.stack([f.to(images.device) for f in found])
+        return out

@@ -173,6 +173,7 @@ class DecoderConfig:
         for name, value in (("ema_decay", self.ema_decay), ("cfg_dropout", self.cfg_dropout)):
             _check(0.0 <= value < 1.0, f"decoder.{name} must be in [0, 1), got {value}")
         _check(self.min_snr_gamma is None or self.min_snr_gamma > 0, f"decoder.min_snr_gamma must be > 0 or null, got {self.min_snr_gamma}")
+        _check(self.objective == "flow" or self.flow_target == "velocity", f"decoder.flow_target 'sample' needs decoder.objective 'flow', got {self.objective!r}")
 
 
 @dataclass
@@ -354,8 +355,7 @@ class AdapterConfig:
 
 @dataclass
 class GenerationArgs:
-    """How tokens are chosen. ``num_beams > 1``: beam search; ``do_sample``: sampling with
-    ``temperature`` / ``top_k`` / ``top_p``; otherwise greedy."""
+    """How tokens are chosen: ``num_beams > 1`` beam search, ``do_sample`` sampling (temperature / top_k / top_p), else greedy."""
 
     max_new_tokens: int = 16
     min_new_tokens: int = 0  # end-of-text is not allowed before this many new tokens

@@ -182,6 +182,35 @@ def test_a_clean_sample_prediction_is_the_velocity_the_loss_and_solvers_use(sche
     assert denoising_loss({"denoise_pred": wrong, "denoise_target": task.target, "denoise_weight": task.weight}) > 1e-3
 
 
+@pytest.mark.parametrize("scheduler", ["euler", "dpm++", "unipc"])
+def test_the_sampling_loop_gives_flow_decoders_the_solvers_exact_noise_level(scheduler):
+    """An oracle that knows the clean image lands on it through the real sampling loop, within
+    float rounding: the decoder sees sigma * 1000, not the solver's integer timestep (2% off near 0)."""
+    from types import SimpleNamespace
+
+    from diffusion.sampling import sample
+
+    clean = torch.rand(1, 3, 8, 8) * 2 - 1
+    seen = []
+
+    class Oracle(torch.nn.Module):
+        config = DecoderConfig(objective="flow")
+        sample_shape = (3, 8, 8)
+
+        def forward(self, x, t, cond):
+            seen.append(float(t[0]))
+            return (x - clean) / (t.view(-1, 1, 1, 1) / 1000)
+
+        def from_latents(self, x):
+            return x
+
+    sched = sampling_scheduler(scheduler, Oracle.config)
+    cond = SimpleNamespace(states=torch.zeros(1, 2, 4))
+    out = sample(Oracle(), sched, cond, cond, [torch.Generator().manual_seed(0)], num_inference_steps=12, guidance_scale=1.0)
+    assert (out - clean).abs().max() < 1e-4
+    torch.testing.assert_close(torch.tensor(seen), sched.sigmas[:12].float() * 1000)
+
+
 @pytest.mark.parametrize("decoder", [{"objective": "ddpm"}, {"text_embed_conditioning": False}])
 def test_mmdit_with_ddpm_or_without_the_pooled_embedding_trains_and_samples(decoder):
     model = _model(decoder, sampling={"scheduler": "dpm++", "steps": 2})
@@ -199,6 +228,12 @@ def test_flow_models_name_the_schedulers_they_take():
         pipe(["a red circle"], scheduler="euler_a", num_inference_steps=2, show_progress=False)
     with pytest.raises(ValueError, match="decoder.backbone must be one of"):
         DecoderConfig(backbone="dit")
+    with pytest.raises(ValueError, match="decoder.flow_target must be one of 'velocity', 'sample'"):
+        DecoderConfig(objective="flow", flow_target="x0")
+    with pytest.raises(ValueError, match="decoder.flow_target 'sample' needs decoder.objective 'flow'"):
+        DecoderConfig(objective="ddpm", flow_target="sample")
+    with pytest.raises(ValueError, match="decoder.flow_min_sigma must be in"):
+        DecoderConfig(objective="flow", flow_min_sigma=0.0)
     with pytest.raises(ValueError, match="decoder.image_size must be in \\[1, 64\\] in pixel space"):
         DecoderConfig(image_size=256)
 
@@ -270,47 +305,20 @@ def test_a_latent_decoder_trains_two_steps_and_generates_through_its_vae(tmp_pat
     torch.testing.assert_close(again_image, image, atol=1e-5, rtol=0)
 
 
-def test_the_latent_cache_encodes_each_image_once_and_draws_as_the_encoder_does(tmp_path):
-    """Cached, an image seen again skips the encoder; its latent is drawn from the stored
-    distribution exactly as from the encoder (same random stream: same latents); the cache
-    stops growing at its size; copies of the model do not copy it; pixel models refuse it."""
-    import copy
-
-    from diffusion.latent_cache import LatentCache
+def test_checkpoints_keep_what_the_decoder_outputs():
+    """A checkpoint says whether its MMDiT predicts the velocity or the clean image: resuming or
+    exporting it keeps that even where the preset's default changed; checkpoints from before the
+    option predict the velocity."""
     from train.module import FoundationModule
 
-    _tiny_vae(tmp_path / "vae")
-    model = _model({"vae": str(tmp_path / "vae"), "patch_size": 2})
-    calls = []
-    model.decoder.vae.encoder.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
-    x = torch.rand(4, 3, 32, 32) * 2 - 1
-    torch.manual_seed(5)
-    plain = model.decoder.to_latents(x)
-    model.decoder.latent_cache = LatentCache(max_bytes=2**20)
-    for batch in (x, torch.cat([x, torch.rand(2, 3, 32, 32) * 2 - 1])):  # then the same four with two new ones
-        torch.manual_seed(5)
-        torch.testing.assert_close(model.decoder.to_latents(batch)[:4], plain, rtol=0, atol=0)
-    assert sum(calls) == 4 + 4 + 2  # without the cache, the cache's first sight of the four, then the two new ones
-    assert (model.decoder.latent_cache.hits, model.decoder.latent_cache.misses) == (4, 6)
-    torch.manual_seed(6)
-    assert not torch.equal(model.decoder.to_latents(x), plain)  # a fresh draw from the stored distribution
-    assert sum(calls) == 10 and model.decoder.latent_cache.hits == 8  # ... without the encoder
-
-    one = 2 * 4 * 16 * 16 * 4  # bytes of one image's mean and log-variance
-    small = LatentCache(max_bytes=int(2.5 * one))
-    model.decoder.latent_cache = small
-    model.decoder.to_latents(x)
-    assert len(small) == 2 and small.used == 2 * one  # full: the rest are encoded every time
-    assert len(copy.deepcopy(model).decoder.latent_cache) == 0
-    with pytest.raises(ValueError, match="positive"):
-        LatentCache(0)
-    with pytest.raises(ValueError, match="model.latent_cache_gb caches a VAE's latents"):
-        FoundationModule(preset="tiny", stage="decoder", latent_cache_gb=1.0)
-    with pytest.raises(ValueError, match="model.latent_cache_gb must be in \\[0, 4096\\]"):
-        FoundationModule(preset="tiny", stage="decoder", latent_cache_gb=-1)
-    module = FoundationModule(preset="tiny", stage="decoder", latent_cache_gb=0.5,
-                              overrides={"decoder": {"vae": str(tmp_path / "vae"), "patch_size": 2, **MMDIT}})
-    assert module.model.decoder.latent_cache.max_bytes == 2**29
+    module = FoundationModule(preset="tiny", stage="decoder", overrides={"decoder": {**MMDIT, "flow_target": "sample"}})
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["decoder_output"] == {"flow_target": "sample", "flow_min_sigma": 0.05}
+    module.on_load_checkpoint({})  # older than flow_target
+    assert module.model.config.decoder.flow_target == "velocity" and module.model.decoder.config.flow_target == "velocity"
+    module.on_load_checkpoint(checkpoint)
+    assert module.model.decoder.config is module.model.config.decoder and module.model.decoder.config.flow_target == "sample"
 
 
 def test_bad_vae_folders_are_one_line_errors(tmp_path):

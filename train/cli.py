@@ -97,8 +97,9 @@ class FoundationCLI(LightningCLI):
         for action in parser._actions:
             if action.dest == "trainer.precision":
                 action.help = ("32-true (fp32), bf16-mixed, 16-mixed, bf16-true, ... (Lightning's precisions). Default (null): "
-                               "bf16-mixed on a CUDA GPU with bf16; for fit on the CPU, whichever of 32-true and bf16-mixed "
-                               "runs this model's training step faster here (a few steps timed before training; printed)")
+                               "bf16-mixed on a CUDA GPU with bf16 (else 16-mixed); for fit on the CPU in one process, whichever of 32-true and "
+                               "bf16-mixed runs this model's training step faster here (a few steps timed before training; printed; "
+                               "a resumed run times again); otherwise bf16-mixed where a bf16 matmul is clearly faster")
 
     def before_fit(self) -> None:
         """Refuse data that cannot train before the first step, while nothing is written yet."""
@@ -146,15 +147,15 @@ class FoundationCLI(LightningCLI):
         CPU, whichever of fp32 and bf16-mixed runs this model's training step faster (a few steps
         timed, seconds); otherwise by a matmul (``train.precision``)."""
         accelerator = str(trainer_config.get("accelerator") or "auto")
-        on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+        on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available())
         one_process = trainer_config.get("devices") in (1, "1", "auto", None) and trainer_config.get("num_nodes", 1) == 1
         if not on_cpu:
             return default_precision()
         if not (one_process and self.subcommand == "fit" and cpu_bf16_could_pay()):
             return "bf16-mixed" if cpu_bf16_is_faster() else "32-true"  # every process of a multi-process run decides alike
         batch_size = getattr(self.datamodule, "batch_size", 32)
-        key = json.dumps([asdict(self.model.model.config), self.model.loss.heads, batch_size, self.model.hparams.diffusion_batch_size],
-                         sort_keys=True, default=str)
+        key = json.dumps([asdict(self.model.model.config), self.model.loss.heads, self.model.frozen, self.model.hparams.lora,
+                          batch_size, self.model.hparams.diffusion_batch_size], sort_keys=True, default=str)
         if key not in _CHOSEN:  # once per model and process: two fits of one model (a resume in a test) train alike
             _CHOSEN[key] = faster_step_precision(self.model.probe_step(batch_size))
         choice, seconds = _CHOSEN[key]
@@ -166,7 +167,8 @@ class FoundationCLI(LightningCLI):
         trainer_config = self._get(self.config_init, "trainer", default={})
         if trainer_config.get("precision") is None and kwargs.get("precision") is None:
             kwargs["precision"] = self.choose_precision(trainer_config)
-            self.config[self.subcommand]["trainer"]["precision"] = kwargs["precision"]  # the run's config.yaml says it
+            if self.subcommand is not None:  # the run's config.yaml says it
+                self.config[self.subcommand]["trainer"]["precision"] = kwargs["precision"]
         trainer = super().instantiate_trainer(**kwargs)
         for i, callback in enumerate(trainer.callbacks):  # Lightning's default bars, without the noise; lines off a terminal
             if type(callback) in (RichProgressBar, TQDMProgressBar):

@@ -10,7 +10,7 @@ import json
 import math
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -70,8 +70,8 @@ class FoundationModule(ValidationFeatures, L.LightningModule):
         compile: torch.compile each component before training (minutes of compiling first; measured on
             2 CPU cores on the shapes joint step: 0.97 s -> 0.93 s a step after 100 s of compiling).
         latent_cache_gb: with a VAE decoder (decoder.vae), keep up to this many GB of the training
-            images' latent distributions in host memory, so the frozen encoder runs once per image
-            (0: off; randomly cropped images are new images each time).
+            images' latent distributions in host memory (per process), so the frozen encoder runs
+            once per image (0: off; randomly cropped images are new images each time).
     """
 
     def __init__(
@@ -105,7 +105,7 @@ class FoundationModule(ValidationFeatures, L.LightningModule):
                                   ("betas", all(0 <= b < 1 for b in betas), "each in [0, 1)"),
                                   ("warmup_steps", warmup_steps >= 0, ">= 0"), ("min_lr_ratio", 0 <= min_lr_ratio <= 1, "in [0, 1]"),
                                   ("diffusion_batch_size", diffusion_batch_size is None or diffusion_batch_size >= 1, ">= 1 or null"),
-                                  ("latent_cache_gb", 0 <= latent_cache_gb <= 4096, "in [0, 4096]")):
+                                  ("latent_cache_gb", latent_cache_gb == 0 or 0.001 <= latent_cache_gb <= 4096, "0 (off) or in [0.001, 4096]")):
             if not ok:
                 raise ValueError(f"model.{name} must be {allowed}, got {locals()[name]!r}")
         unknown_groups = set(lr_multipliers or {}) - set(COMPONENTS) - {"logit_scale"}
@@ -226,28 +226,38 @@ class FoundationModule(ValidationFeatures, L.LightningModule):
         if "logit_scale" in out:
             self.log("train/logit_scale", out["logit_scale"], batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        if (cache := self.model.decoder is not None and self.model.decoder.latent_cache) and cache.hits + cache.misses:
-            self.log("train/latent_cache_hit_rate", cache.hits / (cache.hits + cache.misses), batch_size=bs)
+        cache = self.model.decoder.latent_cache if self.model.decoder is not None else None
+        if cache is not None and cache.hits + cache.misses:  # each rank's own cache: the mean over ranks
+            self.log("train/latent_cache_hit_rate", cache.hits / (cache.hits + cache.misses), batch_size=bs, sync_dist=True)
         return loss
 
     def probe_step(self, batch_size: int) -> Callable[[], None]:
         """One training step's forward and backward on a random batch of the model's sizes (at
         most 64 samples), with no optimizer step, no seen-token or data counts and the gradients
-        cleared after: what ``train.precision.faster_step_precision`` times to choose the
-        precision before training starts."""
+        cleared after (nor a draw from the global random stream, nor an entry in the latent
+        cache): what ``train.precision.faster_step_precision`` times to choose the precision
+        before training starts."""
         size, n = self.model.config.image.image_size, max(1, min(int(batch_size), 64))
         device = self.model.pixel_mean.device
-        images = torch.rand(n, 3, size, size, device=device)  # [n, 3, S, S] in [0, 1]
+        images = torch.rand(n, 3, size, size, device=device, generator=torch.Generator(device).manual_seed(0))  # [n, 3, S, S]
         tokens = self.model.tokenize(["a small red circle at the top left of a plain white picture"] * n)  # [n, L]
+        decoder = self.model.decoder
 
         def step() -> None:
-            out = self.model({"image": images, "caption": tokens}, heads=self.loss.heads,
-                             denoise_batch=self.hparams.diffusion_batch_size, denoise_text_grad=self.hparams.diffusion_text_grad)
-            loss = self.loss(out)["loss"]
-            if loss.requires_grad:
-                loss.backward()
-            for param in self.parameters():
-                param.grad = None
+            cache = decoder.latent_cache if decoder is not None else None
+            if cache is not None:
+                decoder.latent_cache = None
+            try:
+                out = self.model({"image": images, "caption": tokens}, heads=self.loss.heads,
+                                 denoise_batch=self.hparams.diffusion_batch_size, denoise_text_grad=self.hparams.diffusion_text_grad)
+                loss = self.loss(out)["loss"]
+                if loss.requires_grad:
+                    loss.backward()
+            finally:
+                for param in self.parameters():
+                    param.grad = None
+                if cache is not None:
+                    decoder.latent_cache = cache
 
         return step
 
@@ -338,6 +348,9 @@ class FoundationModule(ValidationFeatures, L.LightningModule):
                                        "vocabulary_known": self.vocabulary_known, "seen_tokens": self.seen_tokens.clone()}
         if self.ema is not None:
             checkpoint["decoder_ema"] = self.ema.state_dict()
+        if self.model.decoder is not None:  # what its output means (the preset's default may change)
+            checkpoint["decoder_output"] = {"flow_target": self.model.config.decoder.flow_target,
+                                            "flow_min_sigma": self.model.config.decoder.flow_min_sigma}
         # noise / timestep / dropout random streams, continued on resume (plain tensors: loadable with weights_only)
         checkpoint["rng_states"] = rng_states()
 
@@ -352,6 +365,10 @@ class FoundationModule(ValidationFeatures, L.LightningModule):
             self._mark_seen(torch.zeros(0, dtype=torch.long))
         if self.ema is not None and "decoder_ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["decoder_ema"])
+        if self.model.decoder is not None:  # checkpoints from before flow_target predict the velocity; it changes no weight
+            output = checkpoint.get("decoder_output") or {"flow_target": "velocity"}
+            self.model.config.decoder = replace(self.model.config.decoder, **output)
+            self.model.decoder.config = self.model.config.decoder
         if checkpoint.get("rng_states") is not None:
             set_rng_states(checkpoint["rng_states"])
 
