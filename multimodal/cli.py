@@ -312,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err) if argv[0] in TRAIN_COMMANDS else _as_options(str(err))
         print(f"multimodal {argv[0]}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training starts (building the model, timing the precision): one line
+        print(f"multimodal {argv[0]}: interrupted", file=sys.stderr)
+        return 130
 
 
 # the Python API's argument names in its errors -> the options that set them on the command line

@@ -239,6 +239,18 @@ def test_step_precision_is_the_faster_of_the_timed_steps(slow_under_autocast):
     assert seconds[slow] >= 0.05 > seconds[fast]
 
 
+def test_ctrl_c_before_training_is_one_line(monkeypatch, capsys):
+    """Ctrl-C while the model is built or the precision timed: a line and status 130, no traceback."""
+    import train.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.cli, "run_cli", interrupted)
+    assert main(["fit", "--config", "x.yaml"]) == 130
+    assert capsys.readouterr().err == "multimodal fit: interrupted\n"
+
+
 def test_probe_step_runs_forward_and_backward_without_leaving_a_trace():
     """What is timed is the stage's forward and backward at the model's sizes; no gradients,
     seen tokens or sample counts stay behind."""
