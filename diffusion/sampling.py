@@ -49,13 +49,13 @@ def sample(
     for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False)):
         inp = torch.cat([x, x]) if guided else x
         inp = scale(inp, t)
-        if flow:  # the solver's exact noise level: dpm++ / unipc round their timesteps to integers (2% off near s = 0)
-            t = scheduler.sigmas[i].to(device=device, dtype=torch.float32) * decoder.config.num_train_timesteps
-        pred = decoder(inp.to(both.states.dtype), t.expand(inp.shape[0]), both).float()  # [(2)B, C, S, S]
+        # flow: the solver's exact noise level (dpm++ / unipc round their timesteps to integers: 2% off near s = 0)
+        t_in = scheduler.sigmas[i].to(device=device, dtype=torch.float32) * decoder.config.num_train_timesteps if flow else t
+        pred = decoder(inp.to(both.states.dtype), t_in.expand(inp.shape[0]), both).float()  # [(2)B, C, S, S]
         if guided:
             uncond, cond = pred.chunk(2)
             pred = uncond + guidance_scale * (cond - uncond)
-        x = scheduler.step(pred, scheduler.timesteps[i], x, **step_kwargs).prev_sample
+        x = scheduler.step(pred, t, x, **step_kwargs).prev_sample
         if callback_on_step_end is not None:
-            callback_on_step_end(i, int(scheduler.timesteps[i]), x)
+            callback_on_step_end(i, int(t), x)
     return decoder.from_latents(x).clamp(-1, 1)  # [B, C, S, S]

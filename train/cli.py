@@ -21,7 +21,7 @@ from .data import FoundationDataModule
 from .data_checks import check_trainable
 from .evaluation import default_evaluators, evaluators_of
 from .module import FoundationModule
-from .precision import cpu_bf16_could_pay, cpu_bf16_is_faster, default_precision, faster_step_precision
+from .precision import cpu_bf16_could_pay, default_precision, faster_step_precision
 
 
 # Messages a user cannot act on (library internals, advertising); warnings of this project and real
@@ -149,10 +149,8 @@ class FoundationCLI(LightningCLI):
         accelerator = str(trainer_config.get("accelerator") or "auto")
         on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available())
         one_process = trainer_config.get("devices") in (1, "1", "auto", None) and trainer_config.get("num_nodes", 1) == 1
-        if not on_cpu:
-            return default_precision()
-        if not (one_process and self.subcommand == "fit" and cpu_bf16_could_pay()):
-            return "bf16-mixed" if cpu_bf16_is_faster() else "32-true"  # every process of a multi-process run decides alike
+        if not (on_cpu and one_process and self.subcommand == "fit" and cpu_bf16_could_pay()):
+            return default_precision(on_cpu)  # every process of a multi-process run decides alike
         batch_size = getattr(self.datamodule, "batch_size", 32)
         key = json.dumps([asdict(self.model.model.config), self.model.loss.heads, self.model.frozen, self.model.hparams.lora,
                           batch_size, self.model.hparams.diffusion_batch_size], sort_keys=True, default=str)

@@ -10,9 +10,9 @@ import json
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import lightning as L

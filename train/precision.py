@@ -73,8 +73,11 @@ def faster_step_precision(step: Callable[[], None], tries: int = 2, margin: floa
     return ("bf16-mixed" if best["bf16-mixed"] < margin * best["32-true"] else "32-true"), best
 
 
-def default_precision() -> str:
-    """``bf16-mixed`` where it is faster (CUDA with bf16, or a CPU with fast bf16), else ``32-true``."""
-    if torch.cuda.is_available():
+def default_precision(on_cpu: bool | None = None) -> str:
+    """``bf16-mixed`` where it is faster (CUDA with bf16, or a CPU with fast bf16), else ``32-true``
+    (``16-mixed`` on CUDA without bf16). ``on_cpu`` defaults to: no CUDA device here."""
+    if on_cpu is None:
+        on_cpu = not torch.cuda.is_available()
+    if not on_cpu:
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "bf16-mixed" if cpu_bf16_is_faster() else "32-true"
