@@ -25,6 +25,8 @@ def _model_dir(model: str | None) -> Path:
     if not directory.is_dir():
         hint = "" if model else " (the shipped model; pass --model DIR for another)"
         raise FileNotFoundError(f"--model: no model folder at {directory}{hint}")
+    if not (directory / "config.json").is_file() and not (directory / "model.safetensors").is_file():  # else: the loader says what is wrong
+        raise FileNotFoundError(f"--model: {directory} is not a model folder (no config.json or model.safetensors: a save_pretrained / export folder)")
     return directory
 
 

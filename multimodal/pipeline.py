@@ -72,7 +72,8 @@ class FoundationPipeline:
         self.allow_untrained = allow_untrained
         names = scheduler_names(model.config.decoder)  # a flow-matching decoder takes fewer
         if scheduler is not None and scheduler not in names:
-            raise ValueError(f"scheduler must be one of {', '.join(names)}, got {scheduler!r}")
+            why = " (a flow-matching decoder; the others need a DDPM-trained one)" if model.config.decoder.objective == "flow" else ""
+            raise ValueError(f"scheduler must be one of {', '.join(names)}{why}, got {scheduler!r}")
         self.scheduler = scheduler or model.config.sampling.scheduler
         self.prompt_filter, self.output_checker = compile_prompt_filter(prompt_filter), output_checker
         self._warned_unfiltered = False

@@ -92,6 +92,9 @@ def test_commands_answer_bad_files_and_sizes_in_one_line(tmp_path, capsys):
     assert main(["generate", "x", "--num-images", "1000"]) == 2
     assert "--num-images must be in [1, 64]" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    (tmp_path / "empty").mkdir()
+    assert main(["generate", "x", "--model", str(tmp_path / "empty"), "--out", str(tmp_path / "x.png")]) == 2
+    assert "--model: " in capsys.readouterr().err and not (tmp_path / "x.png").exists()
 
 
 def test_a_label_given_twice_is_refused(tiny_model):

@@ -226,6 +226,8 @@ def test_flow_models_name_the_schedulers_they_take():
     pipe = FoundationPipeline(_model(), allow_untrained=True)
     with pytest.raises(ValueError, match="flow-matching decoder"):
         pipe(["a red circle"], scheduler="euler_a", num_inference_steps=2, show_progress=False)
+    with pytest.raises(ValueError, match=r"dpm\+\+, euler, unipc \(a flow-matching decoder.*got 'ddim'"):
+        FoundationPipeline(pipe.model, scheduler="ddim")
     with pytest.raises(ValueError, match="decoder.backbone must be one of"):
         DecoderConfig(backbone="dit")
     with pytest.raises(ValueError, match="decoder.flow_target must be one of 'velocity', 'sample'"):
