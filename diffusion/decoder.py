@@ -243,7 +243,7 @@ class Decoder(nn.Module):
     def save_diffusers(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
         """Write the denoiser in diffusers' own folder format (``UNet2DConditionModel`` /
         ``SD3Transformer2DModel.from_pretrained``), optionally with its weights stored in ``dtype``."""
-        if dtype is not None:  # nn.Module.to: diffusers' own warns of fp32-only modules even when the list is empty (SD3)
+        if dtype is not None:  # nn.Module.to: diffusers' own warns of fp32-only modules even when the list is empty
             nn.Module.to(copy.deepcopy(self.denoiser), dtype=dtype, memory_format=torch.contiguous_format).save_pretrained(
                 str(directory), safe_serialization=True
             )

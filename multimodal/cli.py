@@ -25,7 +25,10 @@ def _model_dir(model: str | None) -> Path:
     if not directory.is_dir():
         hint = "" if model else " (the shipped model; pass --model DIR for another)"
         raise FileNotFoundError(f"--model: no model folder at {directory}{hint}")
-    if not (directory / "config.json").is_file() and not (directory / "model.safetensors").is_file():  # else: the loader says what is wrong
+    from .files import ADAPTER_CONFIG, CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME
+
+    known = (CONFIG_NAME, WEIGHTS_NAME, ADAPTER_CONFIG)  # an adapter folder brings its base; pickles: the loader says why not
+    if not any((directory / name).is_file() for name in known) and not any(p.suffix in PICKLE_SUFFIXES for p in directory.iterdir()):
         raise FileNotFoundError(f"--model: {directory} is not a model folder (no config.json or model.safetensors: a save_pretrained / export folder)")
     return directory
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from multimodal import FoundationConfig, FoundationPipeline
-from multimodal.cli import main
+from multimodal.cli import _model_dir, main
 from train.module import FoundationModule
 
 
@@ -95,6 +95,10 @@ def test_commands_answer_bad_files_and_sizes_in_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["generate", "x", "--model", str(tmp_path / "empty"), "--out", str(tmp_path / "x.png")]) == 2
     assert "--model: " in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+    for name in ("adapter_config.json", "pytorch_model.bin"):  # an adapter brings its base; the loader explains a pickle
+        (tmp_path / name.split(".")[0]).mkdir()
+        (tmp_path / name.split(".")[0] / name).write_text("{}")
+        assert _model_dir(str(tmp_path / name.split(".")[0])) == tmp_path / name.split(".")[0]
 
 
 def test_a_label_given_twice_is_refused(tiny_model):
